@@ -1,0 +1,323 @@
+//! Safetensors files: checkpoints with the PyTorch reference model's `state_dict` names and
+//! shapes (so `load_state_dict(strict=True)` takes them), and the other named tensors a run
+//! writes (step dumps).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::model::config::STAGES;
+use crate::model::{ModelState, NetConfig, Network};
+
+/// A set of named tensors and string metadata, written atomically as one safetensors file.
+#[derive(Default)]
+pub struct TensorWriter {
+    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    metadata: HashMap<String, String>,
+}
+
+impl TensorWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn f32(&mut self, name: impl Into<String>, shape: &[usize], data: &[f32]) {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape does not match data"
+        );
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors
+            .push((name.into(), Dtype::F32, shape.to_vec(), bytes));
+    }
+
+    pub fn i64(&mut self, name: impl Into<String>, shape: &[usize], data: &[i64]) {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape does not match data"
+        );
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors
+            .push((name.into(), Dtype::I64, shape.to_vec(), bytes));
+    }
+
+    pub fn metadata(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.metadata.insert(key.into(), value.into());
+    }
+
+    /// Adds the full `state_dict` of `state` (parameters, running statistics and
+    /// `num_batches_tracked`) under `prefix`, with the reference names and shapes, and the
+    /// network shape as the `config` metadata.
+    pub fn model_state(&mut self, prefix: &str, state: &ModelState) -> Result<()> {
+        let net = state.validate()?;
+        for e in &net.params {
+            self.f32(
+                format!("{prefix}{}", e.name),
+                &e.shape,
+                &state.params[e.range()],
+            );
+        }
+        for e in &net.running {
+            self.f32(
+                format!("{prefix}{}", e.name),
+                &e.shape,
+                &state.running[e.range()],
+            );
+        }
+        for (name, &count) in net.batch_norms.iter().zip(&state.batches_tracked) {
+            self.i64(format!("{prefix}{name}.num_batches_tracked"), &[], &[count]);
+        }
+        self.metadata("config", serde_json::to_string(&state.config)?);
+        Ok(())
+    }
+
+    /// Writes the file through a temporary file in the same folder and a rename, so an
+    /// interrupted write never leaves a file that looks valid.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let views = self
+            .tensors
+            .iter()
+            .map(|(name, dtype, shape, bytes)| {
+                let view = TensorView::new(*dtype, shape.clone(), bytes)
+                    .map_err(|e| anyhow!("tensor {name}: {e}"))?;
+                Ok((name.as_str(), view))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = safetensors::serialize(views, Some(self.metadata.clone()))
+            .map_err(|e| anyhow!("cannot serialize {}: {e}", path.display()))?;
+        write_atomic(path, &bytes)
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+/// A safetensors file read into memory.
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            bytes,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("validated when opened")
+    }
+
+    /// The metadata value under `key`, if any.
+    pub fn metadata(&self, key: &str) -> Option<String> {
+        let (_, meta) = SafeTensors::read_metadata(&self.bytes).ok()?;
+        meta.metadata().as_ref()?.get(key).cloned()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.tensors()
+            .names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors().tensor(name).is_ok()
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.view(name)?.shape().to_vec())
+    }
+
+    fn view(&self, name: &str) -> Result<TensorView<'_>> {
+        self.tensors()
+            .tensor(name)
+            .map_err(|_| anyhow!("{}: no tensor named {name}", self.path.display()))
+    }
+
+    /// The f32 tensor `name` and its shape.
+    pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let view = self.view(name)?;
+        ensure!(
+            view.dtype() == Dtype::F32,
+            "{}: tensor {name} is {:?}, expected F32",
+            self.path.display(),
+            view.dtype()
+        );
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+        Ok((data.collect(), view.shape().to_vec()))
+    }
+
+    /// The f32 tensor `name`, which must have `shape`.
+    pub fn f32_shaped(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (data, got) = self.f32(name)?;
+        ensure!(
+            got == shape,
+            "{}: tensor {name} has shape {got:?}, expected {shape:?}",
+            self.path.display()
+        );
+        Ok(data)
+    }
+
+    fn i64_scalar(&self, name: &str) -> Result<i64> {
+        let view = self.view(name)?;
+        ensure!(
+            view.dtype() == Dtype::I64 && view.shape().iter().product::<usize>() == 1,
+            "{}: tensor {name} is {:?} {:?}, expected an I64 scalar",
+            self.path.display(),
+            view.dtype(),
+            view.shape()
+        );
+        Ok(i64::from_le_bytes(view.data().try_into().unwrap()))
+    }
+
+    /// The network shape of the `state_dict` stored under `prefix`, read off its tensors.
+    pub fn infer_config(&self, prefix: &str) -> Result<NetConfig> {
+        let stem = format!("{prefix}encoder.0.weight");
+        let shape = self.shape(&stem).with_context(|| {
+            format!(
+                "{} holds no SLAM-AGS model (no {stem})",
+                self.path.display()
+            )
+        })?;
+        ensure!(
+            shape.len() == 4 && shape[1..] == [3, 7, 7],
+            "{}: {stem} has shape {shape:?}, expected [width, 3, 7, 7]",
+            self.path.display()
+        );
+        let width = shape[0];
+        let mut blocks = [0; STAGES];
+        for (stage, count) in blocks.iter_mut().enumerate() {
+            while self.contains(&format!(
+                "{prefix}encoder.{}.{count}.conv1.weight",
+                4 + stage
+            )) {
+                *count += 1;
+            }
+        }
+        let head = format!("{prefix}projector.fc.2.weight");
+        let head_shape = self.shape(&head)?;
+        ensure!(
+            head_shape.len() == 2,
+            "{}: {head} has shape {head_shape:?}, expected [out_dim, features]",
+            self.path.display()
+        );
+        let out_dim = head_shape[0];
+        let config = NetConfig {
+            width,
+            blocks,
+            out_dim,
+        };
+        config
+            .validate()
+            .with_context(|| format!("{}: model tensors", self.path.display()))?;
+        Ok(config)
+    }
+
+    /// The model `state_dict` stored under `prefix` (`""` for a checkpoint). Every tensor
+    /// under the prefix must be one of the network's, with its shape and dtype, and none may
+    /// be missing.
+    pub fn model_state(&self, prefix: &str) -> Result<ModelState> {
+        let config = self.infer_config(prefix)?;
+        let net = Network::new(config);
+        let expected: BTreeSet<String> = net
+            .params
+            .iter()
+            .chain(&net.running)
+            .map(|e| e.name.clone())
+            .chain(
+                net.batch_norms
+                    .iter()
+                    .map(|n| format!("{n}.num_batches_tracked")),
+            )
+            .collect();
+        let present: BTreeSet<String> = self
+            .names()
+            .into_iter()
+            .filter_map(|n| n.strip_prefix(prefix).map(str::to_owned))
+            .collect();
+        let missing: Vec<_> = expected.difference(&present).collect();
+        let extra: Vec<_> = present.difference(&expected).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            bail!(
+                "{} does not hold a {config} model: missing tensors {missing:?}, unexpected tensors {extra:?}",
+                self.path.display()
+            );
+        }
+        let mut params = vec![0.0; net.param_len()];
+        for e in &net.params {
+            params[e.range()]
+                .copy_from_slice(&self.f32_shaped(&format!("{prefix}{}", e.name), &e.shape)?);
+        }
+        let mut running = vec![0.0; net.running_len()];
+        for e in &net.running {
+            running[e.range()]
+                .copy_from_slice(&self.f32_shaped(&format!("{prefix}{}", e.name), &e.shape)?);
+        }
+        let batches_tracked = net
+            .batch_norms
+            .iter()
+            .map(|n| self.i64_scalar(&format!("{prefix}{n}.num_batches_tracked")))
+            .collect::<Result<_>>()?;
+        Ok(ModelState {
+            config,
+            params,
+            running,
+            batches_tracked,
+        })
+    }
+}
+
+/// Writes a checkpoint holding exactly the model's `state_dict`.
+pub fn save(path: &Path, state: &ModelState) -> Result<()> {
+    let mut w = TensorWriter::new();
+    w.model_state("", state)?;
+    w.write(path)
+}
+
+/// Reads a checkpoint written by [`save`] or by PyTorch (`save_file(model.state_dict())`).
+pub fn load(path: &Path) -> Result<ModelState> {
+    TensorFile::open(path)?.model_state("")
+}

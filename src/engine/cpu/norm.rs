@@ -1,0 +1,135 @@
+//! Batch normalization over channel rows of the `[C, N, H, W]` batch, with the residual add
+//! and ReLU that follow it in a ResNet fused in.
+
+use rayon::prelude::*;
+
+use crate::engine::BatchNorm;
+
+/// `y = act(a x + b [+ r])` over one channel row: the affine form of a normalization.
+fn affine_act(x: &[f32], a: f32, b: f32, residual: Option<&[f32]>, relu: bool, y: &mut [f32]) {
+    match residual {
+        Some(r) => {
+            for ((y, &x), &r) in y.iter_mut().zip(x).zip(r) {
+                let v = x * a + b + r;
+                *y = if relu { v.max(0.0) } else { v };
+            }
+        }
+        None => {
+            for (y, &x) in y.iter_mut().zip(x) {
+                let v = x * a + b;
+                *y = if relu { v.max(0.0) } else { v };
+            }
+        }
+    }
+}
+
+/// Mean and biased variance of one row, two-pass in f64.
+fn moments(x: &[f32]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, var)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn train_forward(
+    s: &BatchNorm,
+    x: &[f32],
+    affine: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+    saved: &mut [f32],
+    running: &mut [f32],
+) {
+    let (c, m) = (s.channels, s.per_channel);
+    let (gamma, beta) = affine.split_at(c);
+    let stats: Vec<(f64, f64)> = x.par_chunks(m).map(moments).collect();
+    let (saved_mean, saved_invstd) = saved.split_at_mut(c);
+    let (run_mean, run_var) = running.split_at_mut(c);
+    let momentum = s.momentum as f64;
+    let unbias = m as f64 / (m as f64 - 1.0).max(1.0);
+    for (ch, &(mean, var)) in stats.iter().enumerate() {
+        saved_mean[ch] = mean as f32;
+        saved_invstd[ch] = (1.0 / (var + s.eps as f64).sqrt()) as f32;
+        run_mean[ch] = ((1.0 - momentum) * run_mean[ch] as f64 + momentum * mean) as f32;
+        run_var[ch] = ((1.0 - momentum) * run_var[ch] as f64 + momentum * var * unbias) as f32;
+    }
+    y.par_chunks_mut(m).enumerate().for_each(|(ch, y)| {
+        let a = gamma[ch] * saved_invstd[ch];
+        let b = beta[ch] - saved_mean[ch] * a;
+        let r = residual.map(|r| &r[ch * m..][..m]);
+        affine_act(&x[ch * m..][..m], a, b, r, relu, y);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn eval_forward(
+    s: &BatchNorm,
+    x: &[f32],
+    affine: &[f32],
+    running: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let (c, m) = (s.channels, s.per_channel);
+    let (gamma, beta) = affine.split_at(c);
+    let (mean, var) = running.split_at(c);
+    y.par_chunks_mut(m).enumerate().for_each(|(ch, y)| {
+        let a = gamma[ch] / (var[ch] + s.eps).sqrt();
+        let b = beta[ch] - mean[ch] * a;
+        let r = residual.map(|r| &r[ch * m..][..m]);
+        affine_act(&x[ch * m..][..m], a, b, r, relu, y);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn train_backward(
+    s: &BatchNorm,
+    x: &[f32],
+    affine: &[f32],
+    saved: &[f32],
+    relu_out: Option<&[f32]>,
+    dy: &mut [f32],
+    dx: &mut [f32],
+    daffine: &mut [f32],
+) {
+    let (c, m) = (s.channels, s.per_channel);
+    let gamma = &affine[..c];
+    let (mean, invstd) = saved.split_at(c);
+    let sums: Vec<(f64, f64)> = dy
+        .par_chunks_mut(m)
+        .zip(dx.par_chunks_mut(m))
+        .enumerate()
+        .map(|(ch, (dy, dx))| {
+            let x = &x[ch * m..][..m];
+            if let Some(y) = relu_out {
+                for (g, &y) in dy.iter_mut().zip(&y[ch * m..][..m]) {
+                    if y <= 0.0 {
+                        *g = 0.0;
+                    }
+                }
+            }
+            let (mu, istd) = (mean[ch], invstd[ch]);
+            // dbeta = sum dy, dgamma = sum dy xhat.
+            let (mut dbeta, mut dgamma) = (0.0f64, 0.0f64);
+            for (&g, &x) in dy.iter().zip(x) {
+                dbeta += g as f64;
+                dgamma += g as f64 * ((x - mu) * istd) as f64;
+            }
+            // dx = gamma invstd (dy - dbeta/M - xhat dgamma/M)
+            let scale = gamma[ch] * istd;
+            let (mean_dy, mean_dyx) = ((dbeta / m as f64) as f32, (dgamma / m as f64) as f32);
+            for ((dx, &g), &x) in dx.iter_mut().zip(dy.iter()).zip(x) {
+                *dx = scale * (g - mean_dy - (x - mu) * istd * mean_dyx);
+            }
+            (dgamma, dbeta)
+        })
+        .collect();
+    let (dgamma, dbeta) = daffine.split_at_mut(c);
+    for (ch, &(dg, db)) in sums.iter().enumerate() {
+        dgamma[ch] += dg as f32;
+        dbeta[ch] += db as f32;
+    }
+}

@@ -1,0 +1,30 @@
+//! The CUDA engine's kernels.
+//!
+//! Every `kernels/*.cu` is embedded in the binary: its source always, and the fatbin that
+//! `build.rs` compiled with nvcc (SASS for sm_80 and sm_90, plus compute_90 PTX that newer
+//! GPUs JIT-compile) when nvcc was found at build time. A kernel file without a fatbin is
+//! compiled at run time from its source with NVRTC, so the crate builds without the CUDA
+//! toolkit. Build with `SLAM_REQUIRE_NVCC=1` to make a missing nvcc or a kernel compile
+//! error fail the build instead (CI does).
+//!
+//! The kernel sources include no headers so that NVRTC compiles them as they are.
+
+/// One embedded `kernels/<name>.cu`.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelFile {
+    /// The file stem, e.g. `ags` for `kernels/ags.cu`.
+    pub name: &'static str,
+    /// The CUDA C++ source.
+    pub source: &'static str,
+    /// The nvcc-compiled fatbin, or None when the build had no nvcc (or it failed on this
+    /// file without `SLAM_REQUIRE_NVCC`).
+    pub fatbin: Option<&'static [u8]>,
+}
+
+/// Every kernel file, sorted by name.
+pub const KERNEL_FILES: &[KernelFile] = include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The kernel file `kernels/<name>.cu`, if there is one.
+pub fn kernel_file(name: &str) -> Option<&'static KernelFile> {
+    KERNEL_FILES.iter().find(|k| k.name == name)
+}

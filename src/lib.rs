@@ -1,0 +1,16 @@
+//! SLAM-AGS pretraining: slide-label aware multi-task learning with adaptive gradient
+//! surgery, on a pure-Rust CPU reference engine and handwritten CUDA kernels.
+//!
+//! Layout of the crate:
+//! - [`engine`]: the [`engine::Engine`] trait and its implementations (`cpu`, `cuda`);
+//!   engines know tensors and ops, nothing about the network or the command line.
+//! - [`model`]: the network defined once (flat parameter layout with named views, forward
+//!   and hand-derived backward), the losses' use, gradient surgery and the optimizer,
+//!   generic over the engine.
+//! - [`checkpoint`]: safetensors checkpoints with the PyTorch reference model's names.
+//! - [`cli`]: the `slam` command line.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod engine;
+pub mod model;

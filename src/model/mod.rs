@@ -1,0 +1,18 @@
+//! The SLAM-AGS model, written once against the [`crate::engine::Engine`] trait: network
+//! shape and layout, initialization, the forward and backward passes, gradient surgery, the
+//! optimizer and the training step.
+
+pub mod config;
+pub mod network;
+pub mod optim;
+mod passes;
+pub mod state;
+pub mod step;
+pub mod surgery;
+
+pub use config::NetConfig;
+pub use network::Network;
+pub use passes::Activations;
+pub use state::ModelState;
+pub use step::{StepBatch, StepConfig, StepReport, Trainer};
+pub use surgery::Surgery;

@@ -1,0 +1,394 @@
+//! The network's forward pass in training mode and its hand-derived backward pass, written
+//! once for every engine. Activations are channel-major `[C, N, H, W]`; the pooled features
+//! and projector activations are `[D, N]` (see [`crate::engine`]).
+
+use anyhow::{Result, ensure};
+
+use super::network::{BnParams, ConvParams, LinearParams, Network};
+use crate::engine::{AvgPool, BatchNorm, Conv2d, Engine, Linear, MaxPool};
+
+/// PyTorch's BatchNorm2d defaults.
+pub const BN_EPS: f32 = 1e-5;
+pub const BN_MOMENTUM: f32 = 0.1;
+
+/// A convolution followed by batch norm (and, fused into it, the residual add and ReLU).
+struct ConvBn<E: Engine> {
+    conv: Conv2d,
+    bn: BatchNorm,
+    conv_out: E::Buf,
+    /// `[mean; invstd]` of this batch.
+    saved: E::Buf,
+    out: E::Buf,
+}
+
+struct Block<E: Engine> {
+    first: ConvBn<E>,
+    /// Its `out` is the block's output.
+    second: ConvBn<E>,
+    downsample: Option<ConvBn<E>>,
+}
+
+/// Everything one training-mode forward pass keeps for its backward pass.
+pub struct Activations<'a, E: Engine> {
+    batch: usize,
+    input: &'a E::Buf,
+    stem: ConvBn<E>,
+    pool: MaxPool,
+    pooled: E::Buf,
+    blocks: Vec<Block<E>>,
+    /// Encoder output `h`, `[feature_dim, N]`.
+    features: E::Buf,
+    /// Projector hidden layer after its ReLU, `[feature_dim, N]`.
+    hidden: E::Buf,
+    /// Projector output `z`, `[out_dim, N]`.
+    pub z: E::Buf,
+}
+
+impl<E: Engine> Activations<'_, E> {
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+}
+
+fn linear_shape(p: &LinearParams, batch: usize) -> Linear {
+    Linear {
+        batch,
+        in_features: p.in_features,
+        out_features: p.out_features,
+    }
+}
+
+impl Network {
+    #[allow(clippy::too_many_arguments)]
+    fn conv_bn_forward<E: Engine>(
+        &self,
+        eng: &E,
+        params: &E::Buf,
+        running: &mut E::Buf,
+        (conv, bn): (&ConvParams, &BnParams),
+        x: &E::Buf,
+        (batch, h, w): (usize, usize, usize),
+        residual: Option<&E::Buf>,
+        relu: bool,
+    ) -> Result<ConvBn<E>> {
+        let cs = Conv2d {
+            batch,
+            in_channels: conv.in_channels,
+            out_channels: conv.out_channels,
+            in_h: h,
+            in_w: w,
+            kernel: conv.kernel,
+            stride: conv.stride,
+            pad: conv.pad,
+        };
+        let mut conv_out = eng.zeros(cs.out_len())?;
+        let weight = eng.view(params, conv.weight.clone());
+        eng.conv2d_forward(&cs, eng.all(x), weight, eng.all_mut(&mut conv_out))?;
+        let bs = BatchNorm {
+            channels: bn.channels,
+            per_channel: batch * cs.out_h() * cs.out_w(),
+            eps: BN_EPS,
+            momentum: BN_MOMENTUM,
+        };
+        let mut saved = eng.zeros(2 * bn.channels)?;
+        let mut out = eng.zeros(bs.len())?;
+        eng.batchnorm_train_forward(
+            &bs,
+            eng.all(&conv_out),
+            eng.view(params, bn.affine.clone()),
+            residual.map(|r| eng.all(r)),
+            relu,
+            eng.all_mut(&mut out),
+            eng.all_mut(&mut saved),
+            eng.view_mut(running, bn.running.clone()),
+        )?;
+        Ok(ConvBn {
+            conv: cs,
+            bn: bs,
+            conv_out,
+            saved,
+            out,
+        })
+    }
+
+    /// Back through [`Network::conv_bn_forward`]: accumulates the parameter gradients into
+    /// `grads` and the input gradient into `dx`, and returns `dout` with the ReLU undone
+    /// (the gradient of the residual, when there was one).
+    #[allow(clippy::too_many_arguments)]
+    fn conv_bn_backward<E: Engine>(
+        &self,
+        eng: &E,
+        params: &E::Buf,
+        grads: &mut E::Buf,
+        (conv, bn): (&ConvParams, &BnParams),
+        acts: &ConvBn<E>,
+        x: &E::Buf,
+        relu: bool,
+        mut dout: E::Buf,
+        dx: Option<&mut E::Buf>,
+    ) -> Result<E::Buf> {
+        let mut dconv = eng.zeros(acts.conv.out_len())?;
+        eng.batchnorm_train_backward(
+            &acts.bn,
+            eng.all(&acts.conv_out),
+            eng.view(params, bn.affine.clone()),
+            eng.all(&acts.saved),
+            relu.then(|| eng.all(&acts.out)),
+            eng.all_mut(&mut dout),
+            eng.all_mut(&mut dconv),
+            eng.view_mut(grads, bn.affine.clone()),
+        )?;
+        eng.conv2d_backward(
+            &acts.conv,
+            eng.all(x),
+            eng.view(params, conv.weight.clone()),
+            eng.all(&dconv),
+            eng.view_mut(grads, conv.weight.clone()),
+            dx.map(|dx| eng.all_mut(dx)),
+        )?;
+        Ok(dout)
+    }
+
+    /// Training-mode forward pass over `input` (`[3, batch, crop, crop]`): batch norms use
+    /// this batch's statistics and update `running` (one `num_batches_tracked` step, which
+    /// the caller counts).
+    pub fn forward_train<'a, E: Engine>(
+        &self,
+        eng: &E,
+        params: &E::Buf,
+        running: &mut E::Buf,
+        input: &'a E::Buf,
+        batch: usize,
+        crop: usize,
+    ) -> Result<Activations<'a, E>> {
+        ensure!(
+            batch >= 2,
+            "batch norm in training mode needs at least 2 images per pass, got {batch}"
+        );
+        ensure!(crop >= 1, "crop must be at least 1 pixel");
+        ensure!(
+            eng.buf_len(input) == 3 * batch * crop * crop,
+            "input holds {} values, expected 3 x {batch} x {crop} x {crop}",
+            eng.buf_len(input)
+        );
+        let stem = self.conv_bn_forward(
+            eng,
+            params,
+            running,
+            (&self.stem_conv, &self.stem_bn),
+            input,
+            (batch, crop, crop),
+            None,
+            true,
+        )?;
+        let pool = MaxPool {
+            planes: self.config.width * batch,
+            in_h: stem.conv.out_h(),
+            in_w: stem.conv.out_w(),
+            kernel: 3,
+            stride: 2,
+            pad: 1,
+        };
+        let mut pooled = eng.zeros(pool.planes * pool.out_h() * pool.out_w())?;
+        eng.maxpool_forward(&pool, eng.all(&stem.out), eng.all_mut(&mut pooled))?;
+
+        let mut blocks: Vec<Block<E>> = Vec::with_capacity(self.blocks.len());
+        let (mut h, mut w) = (pool.out_h(), pool.out_w());
+        for spec in &self.blocks {
+            let x = blocks.last().map_or(&pooled, |b| &b.second.out);
+            let shape = (batch, h, w);
+            let first = self.conv_bn_forward(
+                eng,
+                params,
+                running,
+                (&spec.conv1, &spec.bn1),
+                x,
+                shape,
+                None,
+                true,
+            )?;
+            let downsample = match &spec.downsample {
+                Some((conv, bn)) => Some(self.conv_bn_forward(
+                    eng,
+                    params,
+                    running,
+                    (conv, bn),
+                    x,
+                    shape,
+                    None,
+                    false,
+                )?),
+                None => None,
+            };
+            let shortcut = downsample.as_ref().map_or(x, |d| &d.out);
+            let (h1, w1) = (first.conv.out_h(), first.conv.out_w());
+            let second = self.conv_bn_forward(
+                eng,
+                params,
+                running,
+                (&spec.conv2, &spec.bn2),
+                &first.out,
+                (batch, h1, w1),
+                Some(shortcut),
+                true,
+            )?;
+            (h, w) = (h1, w1);
+            blocks.push(Block {
+                first,
+                second,
+                downsample,
+            });
+        }
+
+        let last = blocks.last().map_or(&pooled, |b| &b.second.out);
+        let dim = self.config.feature_dim();
+        let mut features = eng.zeros(dim * batch)?;
+        let avg = AvgPool {
+            planes: dim * batch,
+            spatial: h * w,
+        };
+        eng.avgpool_forward(&avg, eng.all(last), eng.all_mut(&mut features))?;
+        let mut hidden = eng.zeros(dim * batch)?;
+        let (fc0, fc2) = (&self.proj_hidden, &self.proj_out);
+        eng.linear_forward(
+            &linear_shape(fc0, batch),
+            eng.all(&features),
+            eng.view(params, fc0.weight_bias.clone()),
+            true,
+            eng.all_mut(&mut hidden),
+        )?;
+        let mut z = eng.zeros(self.config.out_dim * batch)?;
+        eng.linear_forward(
+            &linear_shape(fc2, batch),
+            eng.all(&hidden),
+            eng.view(params, fc2.weight_bias.clone()),
+            false,
+            eng.all_mut(&mut z),
+        )?;
+        Ok(Activations {
+            batch,
+            input,
+            stem,
+            pool,
+            pooled,
+            blocks,
+            features,
+            hidden,
+            z,
+        })
+    }
+
+    /// Backward pass from `dz = dL/dz` (`[out_dim, N]`): accumulates `dL/dtheta` into the
+    /// flat `grads` buffer.
+    pub fn backward<E: Engine>(
+        &self,
+        eng: &E,
+        params: &E::Buf,
+        acts: &Activations<'_, E>,
+        mut dz: E::Buf,
+        grads: &mut E::Buf,
+    ) -> Result<()> {
+        let batch = acts.batch;
+        let dim = self.config.feature_dim();
+        let (fc0, fc2) = (&self.proj_hidden, &self.proj_out);
+        let mut dhidden = eng.zeros(dim * batch)?;
+        eng.linear_backward(
+            &linear_shape(fc2, batch),
+            eng.all(&acts.hidden),
+            eng.view(params, fc2.weight_bias.clone()),
+            None,
+            eng.all_mut(&mut dz),
+            eng.view_mut(grads, fc2.weight_bias.clone()),
+            Some(eng.all_mut(&mut dhidden)),
+        )?;
+        let mut dfeatures = eng.zeros(dim * batch)?;
+        eng.linear_backward(
+            &linear_shape(fc0, batch),
+            eng.all(&acts.features),
+            eng.view(params, fc0.weight_bias.clone()),
+            Some(eng.all(&acts.hidden)),
+            eng.all_mut(&mut dhidden),
+            eng.view_mut(grads, fc0.weight_bias.clone()),
+            Some(eng.all_mut(&mut dfeatures)),
+        )?;
+
+        let last = acts.blocks.last().map_or(&acts.pooled, |b| &b.second.out);
+        let mut dout = eng.zeros(eng.buf_len(last))?;
+        let avg = AvgPool {
+            planes: dim * batch,
+            spatial: eng.buf_len(last) / (dim * batch),
+        };
+        eng.avgpool_backward(&avg, eng.all(&dfeatures), eng.all_mut(&mut dout))?;
+
+        for (i, (spec, block)) in self.blocks.iter().zip(&acts.blocks).enumerate().rev() {
+            let x = if i == 0 {
+                &acts.pooled
+            } else {
+                &acts.blocks[i - 1].second.out
+            };
+            let mut dmid = eng.zeros(eng.buf_len(&block.first.out))?;
+            // out = relu(bn2(conv2(mid)) + shortcut): dshortcut is dout after the ReLU.
+            let dshortcut = self.conv_bn_backward(
+                eng,
+                params,
+                grads,
+                (&spec.conv2, &spec.bn2),
+                &block.second,
+                &block.first.out,
+                true,
+                dout,
+                Some(&mut dmid),
+            )?;
+            let mut dx = match (&spec.downsample, &block.downsample) {
+                (Some(params_ds), Some(acts_ds)) => {
+                    let mut dx = eng.zeros(eng.buf_len(x))?;
+                    self.conv_bn_backward(
+                        eng,
+                        params,
+                        grads,
+                        (&params_ds.0, &params_ds.1),
+                        acts_ds,
+                        x,
+                        false,
+                        dshortcut,
+                        Some(&mut dx),
+                    )?;
+                    dx
+                }
+                _ => dshortcut,
+            };
+            self.conv_bn_backward(
+                eng,
+                params,
+                grads,
+                (&spec.conv1, &spec.bn1),
+                &block.first,
+                x,
+                true,
+                dmid,
+                Some(&mut dx),
+            )?;
+            dout = dx;
+        }
+
+        let mut dstem = eng.zeros(eng.buf_len(&acts.stem.out))?;
+        eng.maxpool_backward(
+            &acts.pool,
+            eng.all(&acts.stem.out),
+            eng.all(&dout),
+            eng.all_mut(&mut dstem),
+        )?;
+        self.conv_bn_backward(
+            eng,
+            params,
+            grads,
+            (&self.stem_conv, &self.stem_bn),
+            &acts.stem,
+            acts.input,
+            true,
+            dstem,
+            None,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! One SLAM-AGS training step: four forward passes, the two task losses, one backward per
+//! task into its own flat gradient, gradient surgery, and the fused SGD update.
+
+use anyhow::{Result, ensure};
+use serde::Serialize;
+
+use super::network::Network;
+use super::optim::Sgd;
+use super::state::ModelState;
+use super::surgery::{Combination, Surgery};
+use crate::engine::{Engine, GradDots, ViewPair};
+
+/// The four views of one step, each `[3, n, crop, crop]` channel-major on the engine.
+pub struct StepBatch<E: Engine> {
+    /// Two contrastive views of the slide-positive patches.
+    pub pos_i: E::Buf,
+    pub pos_j: E::Buf,
+    /// Center crop and contrastive view of the slide-negative patches.
+    pub neg_i: E::Buf,
+    pub neg_j: E::Buf,
+    pub n_pos: usize,
+    pub n_neg: usize,
+    pub crop: usize,
+}
+
+/// Hyper-parameters of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct StepConfig {
+    pub surgery: Surgery,
+    pub sgd: Sgd,
+    pub temperature: f32,
+}
+
+impl Default for StepConfig {
+    fn default() -> Self {
+        Self {
+            surgery: Surgery::Ags,
+            sgd: Sgd::default(),
+            temperature: 0.07,
+        }
+    }
+}
+
+/// What one step measured.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct StepReport {
+    pub loss_contrastive: f32,
+    pub loss_cohesion: f32,
+    pub lr: f64,
+    pub combination: Combination,
+}
+
+/// The training state on an engine: parameters, running statistics, momentum and the two
+/// task gradients as flat buffers of the network's layout.
+pub struct Trainer<E: Engine> {
+    pub net: Network,
+    pub params: E::Buf,
+    pub running: E::Buf,
+    pub momentum: E::Buf,
+    /// `dL_contrastive/dtheta`, from the positive passes.
+    pub g1: E::Buf,
+    /// `dL_cohesion/dtheta`, from the negative passes.
+    pub g2: E::Buf,
+    pub batches_tracked: Vec<i64>,
+}
+
+/// Which loss a pair of passes feeds.
+#[derive(Clone, Copy)]
+enum Task {
+    Contrastive,
+    Cohesion,
+}
+
+impl<E: Engine> Trainer<E> {
+    /// Uploads `state` with zero momentum (the first step then sets it to the update, as
+    /// PyTorch's SGD does).
+    pub fn new(eng: &E, state: &ModelState) -> Result<Self> {
+        let net = state.validate()?;
+        let len = net.param_len();
+        Ok(Self {
+            params: eng.upload(&state.params)?,
+            running: eng.upload(&state.running)?,
+            momentum: eng.zeros(len)?,
+            g1: eng.zeros(len)?,
+            g2: eng.zeros(len)?,
+            batches_tracked: state.batches_tracked.clone(),
+            net,
+        })
+    }
+
+    /// The model state, downloaded.
+    pub fn state(&self, eng: &E) -> Result<ModelState> {
+        Ok(ModelState {
+            config: self.net.config,
+            params: eng.download(eng.all(&self.params))?,
+            running: eng.download(eng.all(&self.running))?,
+            batches_tracked: self.batches_tracked.clone(),
+        })
+    }
+
+    /// Forward both views of one task, take its loss and backpropagate both into `grad`
+    /// (zeroed first). Returns the loss.
+    fn task_gradient(
+        &mut self,
+        eng: &E,
+        task: Task,
+        (view_i, view_j): (&E::Buf, &E::Buf),
+        batch: usize,
+        crop: usize,
+        temperature: f32,
+    ) -> Result<f32> {
+        let net = &self.net;
+        let acts_i =
+            net.forward_train(eng, &self.params, &mut self.running, view_i, batch, crop)?;
+        let acts_j =
+            net.forward_train(eng, &self.params, &mut self.running, view_j, batch, crop)?;
+        for count in &mut self.batches_tracked {
+            *count += 2;
+        }
+        let pair = ViewPair {
+            dim: net.config.out_dim,
+            n: batch,
+        };
+        let mut dz_i = eng.zeros(pair.dim * pair.n)?;
+        let mut dz_j = eng.zeros(pair.dim * pair.n)?;
+        let (z_i, z_j) = (eng.all(&acts_i.z), eng.all(&acts_j.z));
+        let (dzi, dzj) = (eng.all_mut(&mut dz_i), eng.all_mut(&mut dz_j));
+        let loss = match task {
+            Task::Contrastive => eng.ntxent(&pair, z_i, z_j, temperature, dzi, dzj)?,
+            Task::Cohesion => eng.cohesion(&pair, z_i, z_j, temperature, dzi, dzj)?,
+        };
+        let grad = match task {
+            Task::Contrastive => &mut self.g1,
+            Task::Cohesion => &mut self.g2,
+        };
+        eng.fill_zero(eng.all_mut(grad))?;
+        net.backward(eng, &self.params, &acts_i, dz_i, grad)?;
+        net.backward(eng, &self.params, &acts_j, dz_j, grad)?;
+        Ok(loss)
+    }
+
+    /// One training step at learning rate `lr`. When `combined` is given it receives the
+    /// combined gradient `alpha g1 + beta g2` (before weight decay), for step dumps.
+    pub fn step(
+        &mut self,
+        eng: &E,
+        batch: &StepBatch<E>,
+        cfg: &StepConfig,
+        lr: f64,
+        combined: Option<&mut E::Buf>,
+    ) -> Result<StepReport> {
+        ensure!(
+            cfg.temperature.is_finite() && cfg.temperature > 0.0,
+            "temperature must be positive, got {}",
+            cfg.temperature
+        );
+        let t = cfg.temperature;
+        let pos = (&batch.pos_i, &batch.pos_j);
+        let neg = (&batch.neg_i, &batch.neg_j);
+        let loss_contrastive =
+            self.task_gradient(eng, Task::Contrastive, pos, batch.n_pos, batch.crop, t)?;
+        let loss_cohesion =
+            self.task_gradient(eng, Task::Cohesion, neg, batch.n_neg, batch.crop, t)?;
+        let dots: GradDots = eng.grad_dots(eng.all(&self.g1), eng.all(&self.g2))?;
+        let combination = cfg.surgery.combine(dots);
+        let update = cfg.sgd.update(lr, &combination);
+        if let Some(out) = combined {
+            let (g1, g2) = (eng.all(&self.g1), eng.all(&self.g2));
+            eng.combine_grads(g1, g2, update.alpha, update.beta, eng.all_mut(out))?;
+        }
+        let (g1, g2) = (eng.all(&self.g1), eng.all(&self.g2));
+        eng.sgd_step(
+            &update,
+            g1,
+            g2,
+            eng.all_mut(&mut self.params),
+            eng.all_mut(&mut self.momentum),
+        )?;
+        Ok(StepReport {
+            loss_contrastive,
+            loss_cohesion,
+            lr,
+            combination,
+        })
+    }
+}
