@@ -2,7 +2,7 @@
 //! shapes (so `load_state_dict(strict=True)` takes them), and the other named tensors a run
 //! writes (step dumps).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -11,11 +11,16 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use crate::model::config::STAGES;
 use crate::model::{ModelState, NetConfig, Network};
 
+/// The one safetensors metadata key this crate writes: a JSON object of everything it
+/// records about a file (one key, because safetensors writes several in random order and
+/// the same run must give the same bytes).
+pub const INFO_KEY: &str = "slam_ags";
+
 /// A set of named tensors and string metadata, written atomically as one safetensors file.
 #[derive(Default)]
 pub struct TensorWriter {
     tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
-    metadata: HashMap<String, String>,
+    info: BTreeMap<String, serde_json::Value>,
 }
 
 impl TensorWriter {
@@ -45,8 +50,10 @@ impl TensorWriter {
             .push((name.into(), Dtype::I64, shape.to_vec(), bytes));
     }
 
-    pub fn metadata(&mut self, key: impl Into<String>, value: impl Into<String>) {
-        self.metadata.insert(key.into(), value.into());
+    /// Records `value` under `key` in the file's [`INFO_KEY`] metadata.
+    pub fn info(&mut self, key: impl Into<String>, value: impl serde::Serialize) -> Result<()> {
+        self.info.insert(key.into(), serde_json::to_value(value)?);
+        Ok(())
     }
 
     /// Adds the full `state_dict` of `state` (parameters, running statistics and
@@ -71,8 +78,7 @@ impl TensorWriter {
         for (name, &count) in net.batch_norms.iter().zip(&state.batches_tracked) {
             self.i64(format!("{prefix}{name}.num_batches_tracked"), &[], &[count]);
         }
-        self.metadata("config", serde_json::to_string(&state.config)?);
-        Ok(())
+        self.info("config", state.config)
     }
 
     /// Writes the file through a temporary file in the same folder and a rename, so an
@@ -87,7 +93,8 @@ impl TensorWriter {
                 Ok((name.as_str(), view))
             })
             .collect::<Result<Vec<_>>>()?;
-        let bytes = safetensors::serialize(views, Some(self.metadata.clone()))
+        let info = HashMap::from([(INFO_KEY.to_owned(), serde_json::to_string(&self.info)?)]);
+        let bytes = safetensors::serialize(views, Some(info))
             .map_err(|e| anyhow!("cannot serialize {}: {e}", path.display()))?;
         write_atomic(path, &bytes)
     }
@@ -146,10 +153,16 @@ impl TensorFile {
         SafeTensors::deserialize(&self.bytes).expect("validated when opened")
     }
 
-    /// The metadata value under `key`, if any.
+    /// The raw safetensors metadata value under `key`, if any.
     pub fn metadata(&self, key: &str) -> Option<String> {
         let (_, meta) = SafeTensors::read_metadata(&self.bytes).ok()?;
         meta.metadata().as_ref()?.get(key).cloned()
+    }
+
+    /// The value a [`TensorWriter`] recorded under `key`, if any.
+    pub fn info(&self, key: &str) -> Option<serde_json::Value> {
+        let info: serde_json::Value = serde_json::from_str(&self.metadata(INFO_KEY)?).ok()?;
+        info.get(key).cloned()
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -14,5 +14,5 @@ pub use config::NetConfig;
 pub use network::Network;
 pub use passes::Activations;
 pub use state::ModelState;
-pub use step::{StepBatch, StepConfig, StepReport, Trainer};
+pub use step::{HostBatch, StepBatch, StepConfig, StepReport, Trainer};
 pub use surgery::Surgery;

@@ -252,4 +252,29 @@ impl Network {
     pub fn linears(&self) -> [&LinearParams; 2] {
         [&self.proj_hidden, &self.proj_out]
     }
+
+    /// Multiply-adds of one image's forward pass at `crop x crop` in the convolutions and
+    /// linear layers (a backward pass costs about twice as many).
+    pub fn forward_macs(&self, crop: usize) -> u64 {
+        let out = |size: usize, c: &ConvParams| (size + 2 * c.pad - c.kernel) / c.stride + 1;
+        let conv_macs = |size: usize, c: &ConvParams| {
+            let o = out(size, c) as u64;
+            o * o * (c.out_channels * c.in_channels * c.kernel * c.kernel) as u64
+        };
+        let mut macs = conv_macs(crop, &self.stem_conv);
+        let mut size = (out(crop, &self.stem_conv) + 2 - 3) / 2 + 1; // max pool 3x3/2, pad 1
+        for block in &self.blocks {
+            macs += conv_macs(size, &block.conv1);
+            if let Some((conv, _)) = &block.downsample {
+                macs += conv_macs(size, conv);
+            }
+            size = out(size, &block.conv1);
+            macs += conv_macs(size, &block.conv2);
+        }
+        macs + self
+            .linears()
+            .iter()
+            .map(|l| (l.in_features * l.out_features) as u64)
+            .sum::<u64>()
+    }
 }

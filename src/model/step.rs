@@ -1,14 +1,96 @@
 //! One SLAM-AGS training step: four forward passes, the two task losses, one backward per
 //! task into its own flat gradient, gradient surgery, and the fused SGD update.
 
+use std::time::Instant;
+
 use anyhow::{Result, ensure};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 use serde::Serialize;
 
 use super::network::Network;
 use super::optim::Sgd;
 use super::state::ModelState;
 use super::surgery::{Combination, Surgery};
-use crate::engine::{Engine, GradDots, ViewPair};
+use crate::engine::{Engine, GradDots, ViewPair, nchw_to_cnhw};
+
+/// The four views of one step on the host, each `[n, 3, crop, crop]` as PyTorch holds them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostBatch {
+    pub pos_i: Vec<f32>,
+    pub pos_j: Vec<f32>,
+    pub neg_i: Vec<f32>,
+    pub neg_j: Vec<f32>,
+    pub n_pos: usize,
+    pub n_neg: usize,
+    pub crop: usize,
+}
+
+impl HostBatch {
+    /// The views as `(name, images, data)`, in the order of the step's forward passes.
+    pub fn views(&self) -> [(&'static str, usize, &[f32]); 4] {
+        [
+            ("pos_i", self.n_pos, &self.pos_i),
+            ("pos_j", self.n_pos, &self.pos_j),
+            ("neg_i", self.n_neg, &self.neg_i),
+            ("neg_j", self.n_neg, &self.neg_j),
+        ]
+    }
+
+    /// Standard-normal views (what normalized images look like), the same for the same seed.
+    pub fn random(n_pos: usize, n_neg: usize, crop: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut draw = |n: usize| -> Vec<f32> {
+            (0..n * 3 * crop * crop)
+                .map(|_| rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        };
+        Self {
+            pos_i: draw(n_pos),
+            pos_j: draw(n_pos),
+            neg_i: draw(n_neg),
+            neg_j: draw(n_neg),
+            n_pos,
+            n_neg,
+            crop,
+        }
+    }
+
+    /// Checks sizes: every pass needs two images or more for batch norm.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.crop > 0, "crop must be at least 1 pixel");
+        for (name, n, data) in self.views() {
+            ensure!(
+                n >= 2,
+                "{name}: batch norm in training mode needs at least 2 images, got {n}"
+            );
+            ensure!(
+                data.len() == n * 3 * self.crop * self.crop,
+                "{name}: {} values do not make {n} images of 3 x {c} x {c}",
+                data.len(),
+                c = self.crop
+            );
+        }
+        Ok(())
+    }
+
+    /// The batch on `eng`, reordered to the engines' channel-major layout.
+    pub fn upload<E: Engine>(&self, eng: &E) -> Result<StepBatch<E>> {
+        self.validate()?;
+        let plane = self.crop * self.crop;
+        let up = |n: usize, data: &[f32]| eng.upload(&nchw_to_cnhw(data, n, 3, plane));
+        Ok(StepBatch {
+            pos_i: up(self.n_pos, &self.pos_i)?,
+            pos_j: up(self.n_pos, &self.pos_j)?,
+            neg_i: up(self.n_neg, &self.neg_i)?,
+            neg_j: up(self.n_neg, &self.neg_j)?,
+            n_pos: self.n_pos,
+            n_neg: self.n_neg,
+            crop: self.crop,
+        })
+    }
+}
 
 /// The four views of one step, each `[3, n, crop, crop]` channel-major on the engine.
 pub struct StepBatch<E: Engine> {
@@ -48,6 +130,12 @@ pub struct StepReport {
     pub loss_cohesion: f32,
     pub lr: f64,
     pub combination: Combination,
+    /// Host wall time of the four passes with both losses and backward passes.
+    #[serde(skip)]
+    pub seconds_tasks: f64,
+    /// Host wall time of the surgery reduction and the fused update.
+    #[serde(skip)]
+    pub seconds_update: f64,
 }
 
 /// The training state on an engine: parameters, running statistics, momentum and the two
@@ -155,12 +243,15 @@ impl<E: Engine> Trainer<E> {
             cfg.temperature
         );
         let t = cfg.temperature;
+        let start = Instant::now();
         let pos = (&batch.pos_i, &batch.pos_j);
         let neg = (&batch.neg_i, &batch.neg_j);
         let loss_contrastive =
             self.task_gradient(eng, Task::Contrastive, pos, batch.n_pos, batch.crop, t)?;
         let loss_cohesion =
             self.task_gradient(eng, Task::Cohesion, neg, batch.n_neg, batch.crop, t)?;
+        let seconds_tasks = start.elapsed().as_secs_f64();
+        let start = Instant::now();
         let dots: GradDots = eng.grad_dots(eng.all(&self.g1), eng.all(&self.g2))?;
         let combination = cfg.surgery.combine(dots);
         let update = cfg.sgd.update(lr, &combination);
@@ -181,6 +272,8 @@ impl<E: Engine> Trainer<E> {
             loss_cohesion,
             lr,
             combination,
+            seconds_tasks,
+            seconds_update: start.elapsed().as_secs_f64(),
         })
     }
 }

@@ -1,0 +1,276 @@
+//! The `slam` binary end to end: what it writes, and how it refuses bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use slam_ags::checkpoint::TensorFile;
+
+fn slam(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_slam"))
+        .args(args)
+        .output()
+        .expect("slam runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_fails_with(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure, got success");
+    let err = stderr(out);
+    assert!(
+        err.contains(needle),
+        "stderr {err:?} does not mention {needle:?}"
+    );
+    assert!(!err.contains("panicked"), "slam panicked: {err}");
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn init_writes_a_loadable_model_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let p = path.to_str().unwrap();
+    let out = slam(&[
+        "init",
+        "--out",
+        p,
+        "--width",
+        "4",
+        "--blocks",
+        "1,2,1,1",
+        "--out-dim",
+        "8",
+        "--seed",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let state = slam_ags::checkpoint::load(&path).unwrap();
+    assert_eq!(state.config.blocks, [1, 2, 1, 1]);
+    assert_eq!(
+        state,
+        slam_ags::model::ModelState::init(state.config, 3).unwrap()
+    );
+
+    assert_fails_with(&slam(&["init", "--out", p]), "--force");
+    assert!(
+        slam(&["init", "--out", p, "--width", "4", "--force"])
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn bad_network_shapes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.safetensors");
+    let p = p.to_str().unwrap();
+    assert_fails_with(
+        &slam(&["init", "--out", p, "--arch", "resnet50"]),
+        "unknown architecture",
+    );
+    assert_fails_with(
+        &slam(&["init", "--out", p, "--blocks", "2,2,2"]),
+        "4 numbers",
+    );
+    assert_fails_with(&slam(&["init", "--out", p, "--width", "0"]), "width");
+    assert!(!Path::new(p).exists(), "a refused run left a file behind");
+}
+
+/// Replays the first step of a PyTorch golden case through the command line.
+#[test]
+fn dump_step_replays_a_pytorch_step() {
+    let golden = format!(
+        "{}/tests/data/small_pcgrad.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump.safetensors");
+    let out = slam(&[
+        "dump-step",
+        "--checkpoint",
+        &golden,
+        "--prefix",
+        "before.",
+        "--inputs",
+        &golden,
+        "--surgery",
+        "pcgrad",
+        "--lr",
+        "0.05",
+        "--out",
+        dump.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (dump, golden) = (
+        TensorFile::open(&dump).unwrap(),
+        TensorFile::open(golden.as_ref()).unwrap(),
+    );
+    for name in ["grad.contrastive", "grad.cohesion", "grad.combined"] {
+        let err = rel_err(
+            &dump.f32(name).unwrap().0,
+            &golden.f32(&format!("step1.{name}")).unwrap().0,
+        );
+        assert!(err < 2e-3, "{name}: relative error {err:.2e}");
+    }
+    for name in ["loss.contrastive", "loss.cohesion", "input.neg_j"] {
+        let err = rel_err(
+            &dump.f32(name).unwrap().0,
+            &golden
+                .f32(&format!("step1.{name}"))
+                .or_else(|_| golden.f32(name))
+                .unwrap()
+                .0,
+        );
+        assert!(err < 1e-4, "{name}: relative error {err:.2e}");
+    }
+    let (before, after) = (
+        dump.model_state("before.").unwrap(),
+        dump.model_state("after.").unwrap(),
+    );
+    assert_eq!(before, golden.model_state("before.").unwrap());
+    let want = golden.model_state("step1.after.").unwrap();
+    assert!(rel_err(&after.params, &want.params) < 1e-5);
+    assert_eq!(after.batches_tracked, want.batches_tracked);
+    assert_eq!(dump.info("step").unwrap()["surgery"], "pcgrad");
+    assert_eq!(dump.info("report").unwrap()["combination"]["fired"], true);
+}
+
+#[test]
+fn dump_step_on_random_inputs_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |out: &str| {
+        let out = dir.path().join(out);
+        let out = out.to_str().unwrap().to_owned();
+        let a = [
+            "dump-step",
+            "--width",
+            "4",
+            "--blocks",
+            "1,1,1,1",
+            "--out-dim",
+            "8",
+            "--crop",
+            "24",
+        ];
+        slam(
+            &[
+                &a[..],
+                &[
+                    "--batch-pos",
+                    "3",
+                    "--batch-neg",
+                    "2",
+                    "--seed",
+                    "5",
+                    "--out",
+                    &out,
+                ],
+            ]
+            .concat(),
+        )
+    };
+    assert!(args("a.safetensors").status.success());
+    assert!(args("b.safetensors").status.success());
+    let read = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
+    assert_eq!(
+        read("a.safetensors"),
+        read("b.safetensors"),
+        "same seed, different dumps"
+    );
+    let dump = TensorFile::open(&dir.path().join("a.safetensors")).unwrap();
+    assert_eq!(dump.shape("input.pos_i").unwrap(), [3, 3, 24, 24]);
+    assert_eq!(dump.shape("input.neg_j").unwrap(), [2, 3, 24, 24]);
+}
+
+#[test]
+fn dump_step_refuses_bad_inputs_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dump.safetensors");
+    let o = out.to_str().unwrap();
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, b"definitely not safetensors").unwrap();
+    assert_fails_with(
+        &slam(&["dump-step", "--inputs", bad.to_str().unwrap(), "--out", o]),
+        "not a valid safetensors file",
+    );
+    // A checkpoint is not an input batch.
+    let golden = format!(
+        "{}/tests/data/tiny_ags_aligned.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    assert_fails_with(
+        &slam(&["dump-step", "--checkpoint", &golden, "--out", o]),
+        "encoder.0.weight",
+    );
+    assert_fails_with(
+        &slam(&["dump-step", "--batch-pos", "1", "--width", "4", "--out", o]),
+        "at least 2 images",
+    );
+    assert_fails_with(
+        &slam(&[
+            "dump-step",
+            "--temperature",
+            "0",
+            "--width",
+            "4",
+            "--out",
+            o,
+        ]),
+        "temperature",
+    );
+    assert_fails_with(
+        &slam(&[
+            "dump-step",
+            "--inputs",
+            "/nonexistent/in.safetensors",
+            "--out",
+            o,
+        ]),
+        "/nonexistent/in.safetensors",
+    );
+    assert!(!out.exists(), "a refused run left a file behind");
+}
+
+#[test]
+fn bench_step_runs_and_cuda_is_refused_clearly() {
+    let tiny = [
+        "bench",
+        "step",
+        "--width",
+        "4",
+        "--blocks",
+        "1,1,1,1",
+        "--out-dim",
+        "8",
+        "--crop",
+        "32",
+        "--batch",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+    ];
+    let out = slam(&tiny);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("images/s") && text.contains("AGS + SGD share"),
+        "{text}"
+    );
+    assert_fails_with(
+        &slam(&[&tiny[..], &["--device", "cuda"]].concat()),
+        "--device cpu",
+    );
+}
