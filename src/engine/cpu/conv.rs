@@ -86,8 +86,15 @@ fn col2im_add(s: &Conv2d, cols: &[f32], n0: usize, nb: usize, dx: &mut [f32]) {
                             }
                             let src = &row[(img * oh + oy) * ow..][lo..hi];
                             let dst_row = &mut dst[iy as usize * s.in_w..][..s.in_w];
-                            for (g, ix) in src.iter().zip((ix0..).step_by(s.stride)) {
-                                dst_row[ix] += g;
+                            if s.stride == 1 {
+                                let dst_run = &mut dst_row[ix0..ix0 + src.len()];
+                                for (d, g) in dst_run.iter_mut().zip(src) {
+                                    *d += g;
+                                }
+                            } else {
+                                for (g, ix) in src.iter().zip((ix0..).step_by(s.stride)) {
+                                    dst_row[ix] += g;
+                                }
                             }
                         }
                     }

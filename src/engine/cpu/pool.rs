@@ -4,45 +4,57 @@ use rayon::prelude::*;
 
 use crate::engine::{AvgPool, MaxPool};
 
-/// Index (within the plane) of the first maximum of output `(oy, ox)`'s window: PyTorch
-/// scans row by row and keeps a value only if it is strictly greater (or NaN).
-fn window_argmax(s: &MaxPool, plane: &[f32], oy: usize, ox: usize) -> usize {
-    let y0 = (oy * s.stride) as isize - s.pad as isize;
-    let x0 = (ox * s.stride) as isize - s.pad as isize;
-    let rows = y0.max(0) as usize..((y0 + s.kernel as isize) as usize).min(s.in_h);
-    let cols = x0.max(0) as usize..((x0 + s.kernel as isize) as usize).min(s.in_w);
-    let mut best = rows.start * s.in_w + cols.start;
-    let mut best_val = f32::NEG_INFINITY;
-    for iy in rows {
-        for ix in cols.clone() {
-            let v = plane[iy * s.in_w + ix];
-            if v > best_val || v.is_nan() {
-                best_val = v;
-                best = iy * s.in_w + ix;
+/// The in-image span `lo..hi` of each output's window along one axis (padding never counts).
+fn window_spans(size: usize, out: usize, s: &MaxPool) -> Vec<(usize, usize)> {
+    (0..out)
+        .map(|o| {
+            let start = (o * s.stride) as isize - s.pad as isize;
+            (
+                start.max(0) as usize,
+                ((start + s.kernel as isize) as usize).min(size),
+            )
+        })
+        .collect()
+}
+
+/// Calls `f(output, argmax)` for every output of one plane, `argmax` being the index of the
+/// first maximum of its window: PyTorch scans row by row and keeps a value only if it is
+/// strictly greater (or NaN).
+fn for_each_argmax(s: &MaxPool, plane: &[f32], mut f: impl FnMut(usize, usize)) {
+    let (rows, cols) = (
+        window_spans(s.in_h, s.out_h(), s),
+        window_spans(s.in_w, s.out_w(), s),
+    );
+    for (oy, &(y0, y1)) in rows.iter().enumerate() {
+        for (ox, &(x0, x1)) in cols.iter().enumerate() {
+            let (mut best, mut best_val) = (y0 * s.in_w + x0, f32::NEG_INFINITY);
+            for iy in y0..y1 {
+                let row = &plane[iy * s.in_w..][x0..x1];
+                for (dx, &v) in row.iter().enumerate() {
+                    if v > best_val || v.is_nan() {
+                        (best, best_val) = (iy * s.in_w + x0 + dx, v);
+                    }
+                }
             }
+            f(oy * cols.len() + ox, best);
         }
     }
-    best
 }
 
 pub fn max_forward(s: &MaxPool, x: &[f32], y: &mut [f32]) {
     let (in_plane, out_plane) = (s.in_h * s.in_w, s.out_h() * s.out_w());
     y.par_chunks_mut(out_plane).enumerate().for_each(|(p, y)| {
         let plane = &x[p * in_plane..][..in_plane];
-        for (o, y) in y.iter_mut().enumerate() {
-            *y = plane[window_argmax(s, plane, o / s.out_w(), o % s.out_w())];
-        }
+        for_each_argmax(s, plane, |o, i| y[o] = plane[i]);
     });
 }
 
 pub fn max_backward(s: &MaxPool, x: &[f32], dy: &[f32], dx: &mut [f32]) {
     let (in_plane, out_plane) = (s.in_h * s.in_w, s.out_h() * s.out_w());
     dx.par_chunks_mut(in_plane).enumerate().for_each(|(p, dx)| {
-        let plane = &x[p * in_plane..][..in_plane];
+        let dy = &dy[p * out_plane..][..out_plane];
         dx.fill(0.0);
-        for (o, &g) in dy[p * out_plane..][..out_plane].iter().enumerate() {
-            dx[window_argmax(s, plane, o / s.out_w(), o % s.out_w())] += g;
-        }
+        for_each_argmax(s, &x[p * in_plane..][..in_plane], |o, i| dx[i] += dy[o]);
     });
 }
 
