@@ -217,7 +217,7 @@ impl TensorFile {
     fn i64_scalar(&self, name: &str) -> Result<i64> {
         let view = self.view(name)?;
         ensure!(
-            view.dtype() == Dtype::I64 && view.shape().iter().product::<usize>() == 1,
+            view.dtype() == Dtype::I64 && view.shape().is_empty(),
             "{}: tensor {name} is {:?} {:?}, expected an I64 scalar",
             self.path.display(),
             view.dtype(),
@@ -241,13 +241,28 @@ impl TensorFile {
             self.path.display()
         );
         let width = shape[0];
+        // Blocks per stage: one more than the highest block index any tensor of the stage
+        // names, so that a missing tensor is reported as missing, not as another shape.
         let mut blocks = [0; STAGES];
-        for (stage, count) in blocks.iter_mut().enumerate() {
-            while self.contains(&format!(
-                "{prefix}encoder.{}.{count}.conv1.weight",
-                4 + stage
-            )) {
-                *count += 1;
+        for name in self.names() {
+            let Some(rest) = name
+                .strip_prefix(prefix)
+                .and_then(|n| n.strip_prefix("encoder."))
+            else {
+                continue;
+            };
+            let mut parts = rest.splitn(3, '.');
+            let (Some(Ok(module)), Some(Ok(block))) = (
+                parts.next().map(str::parse::<usize>),
+                parts.next().map(str::parse::<usize>),
+            ) else {
+                continue;
+            };
+            if let Some(count) = module
+                .checked_sub(4)
+                .and_then(|stage| blocks.get_mut(stage))
+            {
+                *count = (*count).max(block.saturating_add(1));
             }
         }
         let head = format!("{prefix}projector.fc.2.weight");

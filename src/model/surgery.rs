@@ -80,7 +80,12 @@ impl Surgery {
         let norm_projected = (w1 * w1 * a + w2 * w2 * b + 2.0 * w1 * w2 * d)
             .max(0.0)
             .sqrt();
+        // The expansion cannot resolve a projected norm below its own rounding (exactly
+        // opposed gradients project to zero): call that zero rather than blow the rounding
+        // noise up to |g1 + g2|.
+        let rounding_floor = 1e-6 * (w1.abs() * a.sqrt() + w2.abs() * b.sqrt());
         let scale = match self {
+            _ if fired && norm_projected <= rounding_floor => 0.0,
             Surgery::Ags if norm_projected > 0.0 => norm_sum / (norm_projected + EPS),
             _ => 1.0,
         };
