@@ -10,6 +10,7 @@ mod loss;
 mod matmul;
 mod norm;
 mod pool;
+mod reduce;
 mod scratch;
 mod update;
 

@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::reduce::sum_pairs;
 use crate::engine::BatchNorm;
 
 /// `y = act(a x + b [+ r])` over one channel row: the affine form of a normalization.
@@ -26,9 +27,10 @@ fn affine_act(x: &[f32], a: f32, b: f32, residual: Option<&[f32]>, relu: bool, y
 /// Mean and biased variance of one row, two-pass in f64.
 fn moments(x: &[f32]) -> (f64, f64) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean, var)
+    let [sum] = sum_pairs(x, x, |v, _| [v]);
+    let mean = sum / n;
+    let [squares] = sum_pairs(x, x, |v, _| [(v - mean) * (v - mean)]);
+    (mean, squares / n)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -113,11 +115,8 @@ pub fn train_backward(
             }
             let (mu, istd) = (mean[ch], invstd[ch]);
             // dbeta = sum dy, dgamma = sum dy xhat.
-            let (mut dbeta, mut dgamma) = (0.0f64, 0.0f64);
-            for (&g, &x) in dy.iter().zip(x) {
-                dbeta += g as f64;
-                dgamma += g as f64 * ((x - mu) * istd) as f64;
-            }
+            let (mu64, istd64) = (mu as f64, istd as f64);
+            let [dbeta, dgamma] = sum_pairs(dy, x, |g, x| [g, g * (x - mu64) * istd64]);
             // dx = gamma invstd (dy - dbeta/M - xhat dgamma/M)
             let scale = gamma[ch] * istd;
             let (mean_dy, mean_dyx) = ((dbeta / m as f64) as f32, (dgamma / m as f64) as f32);

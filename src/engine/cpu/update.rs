@@ -2,37 +2,16 @@
 
 use rayon::prelude::*;
 
+use super::reduce::sum_pairs;
 use crate::engine::{GradDots, SgdUpdate};
 
 /// Values per parallel task. Fixed, so sums are combined in the same order whatever the
 /// thread count: results are bit-identical across machines and thread pools.
 const CHUNK: usize = 1 << 15;
-/// Independent f64 accumulators per sum, so the compiler can keep them in vector lanes.
-const LANES: usize = 8;
 
 fn chunk_dots(g1: &[f32], g2: &[f32]) -> GradDots {
-    let (mut d, mut a, mut b) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
-    let (c1, c2) = (g1.chunks_exact(LANES), g2.chunks_exact(LANES));
-    let (r1, r2) = (c1.remainder(), c2.remainder());
-    for (x, y) in c1.zip(c2) {
-        for l in 0..LANES {
-            let (x, y) = (x[l] as f64, y[l] as f64);
-            d[l] += x * y;
-            a[l] += x * x;
-            b[l] += y * y;
-        }
-    }
-    for (l, (&x, &y)) in r1.iter().zip(r2).enumerate() {
-        let (x, y) = (x as f64, y as f64);
-        d[l] += x * y;
-        a[l] += x * x;
-        b[l] += y * y;
-    }
-    GradDots {
-        g1g2: d.iter().sum(),
-        g1g1: a.iter().sum(),
-        g2g2: b.iter().sum(),
-    }
+    let [g1g2, g1g1, g2g2] = sum_pairs(g1, g2, |x, y| [x * y, x * x, y * y]);
+    GradDots { g1g2, g1g1, g2g2 }
 }
 
 /// `g1 . g2`, `|g1|^2`, `|g2|^2`: the CPU twin of the `ags_dots` kernels.
