@@ -29,25 +29,22 @@ impl TensorWriter {
     }
 
     pub fn f32(&mut self, name: impl Into<String>, shape: &[usize], data: &[f32]) {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "shape does not match data"
-        );
         let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.tensors
-            .push((name.into(), Dtype::F32, shape.to_vec(), bytes));
+        self.push(name.into(), Dtype::F32, shape, data.len(), bytes);
     }
 
     pub fn i64(&mut self, name: impl Into<String>, shape: &[usize], data: &[i64]) {
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.push(name.into(), Dtype::I64, shape, data.len(), bytes);
+    }
+
+    fn push(&mut self, name: String, dtype: Dtype, shape: &[usize], count: usize, bytes: Vec<u8>) {
         assert_eq!(
             shape.iter().product::<usize>(),
-            data.len(),
-            "shape does not match data"
+            count,
+            "{name}: shape does not match data"
         );
-        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.tensors
-            .push((name.into(), Dtype::I64, shape.to_vec(), bytes));
+        self.tensors.push((name, dtype, shape.to_vec(), bytes));
     }
 
     /// Records `value` under `key` in the file's [`INFO_KEY`] metadata.
