@@ -142,10 +142,6 @@ impl TensorFile {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn tensors(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).expect("validated when opened")
     }
@@ -168,10 +164,6 @@ impl TensorFile {
             .into_iter()
             .map(str::to_owned)
             .collect()
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors().tensor(name).is_ok()
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {

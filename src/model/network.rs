@@ -226,7 +226,7 @@ impl Network {
         self.running.last().map_or(0, |e| e.range().end)
     }
 
-    /// The parameter called `name` (a reference `state_dict` name).
+    /// The parameter called `name` (a reference `state_dict` name): its named view.
     pub fn param(&self, name: &str) -> Option<&TensorEntry> {
         self.params.iter().find(|e| e.name == name)
     }

@@ -44,12 +44,6 @@ pub struct Activations<'a, E: Engine> {
     pub z: E::Buf,
 }
 
-impl<E: Engine> Activations<'_, E> {
-    pub fn batch(&self) -> usize {
-        self.batch
-    }
-}
-
 fn linear_shape(p: &LinearParams, batch: usize) -> Linear {
     Linear {
         batch,
