@@ -1,5 +1,8 @@
 //! The `slam` binary end to end: what it writes, and how it refuses bad input.
 
+mod common;
+
+use common::rel_err;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -24,16 +27,6 @@ fn assert_fails_with(out: &Output, needle: &str) {
         "stderr {err:?} does not mention {needle:?}"
     );
     assert!(!err.contains("panicked"), "slam panicked: {err}");
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
-    (diff / norm).sqrt()
 }
 
 #[test]

@@ -8,6 +8,9 @@
 //! rounding so much that one ulp of input noise moves step 1's gradient by 3e-5 and step 2's
 //! by 1e-2. Anchored, every step is held to the tolerances of tests/data/README.md.
 
+mod common;
+
+use common::rel_err;
 use serde::Deserialize;
 use slam_ags::checkpoint::TensorFile;
 use slam_ags::engine::cpu::CpuEngine;
@@ -35,18 +38,6 @@ struct GoldenConfig {
     weight_decay: f32,
     temperature: f32,
     steps: Vec<GoldenStep>,
-}
-
-/// Relative L2 error of `got` against `want`.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {

@@ -6,6 +6,9 @@
 //! after; `p -= lr buf`. The schedule: `lr (e+1)/W` for `e < W`, then
 //! `lr/2 (1 + cos(pi (e-W)/(E-W)))`.
 
+mod common;
+
+use common::in_pool;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
@@ -52,14 +55,6 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
         .zip(want)
         .fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
     diff / scale
-}
-
-fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
 }
 
 #[test]

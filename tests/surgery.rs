@@ -8,6 +8,9 @@
 //! opposed, orthogonal, exactly anti-parallel, one or both gradients zero, and random
 //! high-dimensional gradients, conflicting or not.
 
+mod common;
+
+use common::in_pool;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
@@ -418,14 +421,6 @@ fn naive_dots(g1: &[f32], g2: &[f32]) -> (GradDots, [f64; 3]) {
         dots.g2g2,
     ];
     (dots, abs)
-}
-
-fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
 }
 
 #[test]
