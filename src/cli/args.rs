@@ -42,23 +42,24 @@ impl ArchArgs {
     }
 }
 
-/// Hyper-parameters of a training step.
+/// Hyper-parameters of a training step; the defaults are the reference's, from
+/// [`StepConfig::default`].
 #[derive(Args, Clone, Debug)]
 pub struct StepArgs {
     /// How the two task gradients are combined.
-    #[arg(long, value_enum, default_value_t = Surgery::Ags)]
+    #[arg(long, value_enum, default_value_t = StepConfig::default().surgery)]
     pub surgery: Surgery,
     /// Learning rate of this step.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = Sgd::default().lr)]
     pub lr: f32,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = Sgd::default().momentum)]
     pub momentum: f32,
     /// Weight decay on every parameter.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = Sgd::default().weight_decay)]
     pub weight_decay: f32,
     /// Temperature of both losses.
-    #[arg(long, default_value_t = 0.07)]
+    #[arg(long, default_value_t = StepConfig::default().temperature)]
     pub temperature: f32,
 }
 

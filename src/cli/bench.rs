@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use anyhow::{Result, ensure};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::args::{ArchArgs, Device, StepArgs};
@@ -78,7 +78,10 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
         args.batch,
         batch.n_pos,
         batch.n_neg,
-        args.device_name(),
+        args.device
+            .to_possible_value()
+            .expect("devices have names")
+            .get_name(),
         rayon::current_num_threads()
     );
     let bar = ProgressBar::new((args.warmup + args.steps) as u64).with_style(
@@ -116,13 +119,4 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
         100.0 * median(update_share)
     );
     Ok(())
-}
-
-impl BenchStepArgs {
-    fn device_name(&self) -> &'static str {
-        match self.device {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        }
-    }
 }
