@@ -8,5 +8,12 @@ fn main() -> std::process::ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
+    // Output piped into `head` ends quietly, as other command-line tools do, instead of
+    // panicking on the closed pipe.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     slam_ags::cli::main()
 }
