@@ -93,35 +93,8 @@ impl TensorWriter {
         let info = HashMap::from([(INFO_KEY.to_owned(), serde_json::to_string(&self.info)?)]);
         let bytes = safetensors::serialize(views, Some(info))
             .map_err(|e| anyhow!("cannot serialize {}: {e}", path.display()))?;
-        write_atomic(path, &bytes)
+        crate::atomic::write_atomic(path, &bytes)
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
-    Ok(())
 }
 
 /// A safetensors file read into memory.

@@ -7,10 +7,14 @@
 //! - [`model`]: the network defined once (flat parameter layout with named views, forward
 //!   and hand-derived backward), the losses' use, gradient surgery and the optimizer,
 //!   generic over the engine.
+//! - [`data`]: the packed patch store, image folders and synthetic data to stores, the
+//!   balanced sampler and the augmentation that turns patches into batches; knows no engine.
 //! - [`checkpoint`]: safetensors checkpoints with the PyTorch reference model's names.
 //! - [`cli`]: the `slam` command line.
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod cli;
+pub mod data;
 pub mod engine;
 pub mod model;
