@@ -267,3 +267,55 @@ fn bench_step_runs_and_cuda_is_refused_clearly() {
         "--device cpu",
     );
 }
+
+#[test]
+fn inspect_describes_a_store_and_rejects_foreign_files() {
+    use slam_ags::data::{BagLabel, PatchSize, StoreWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.patches");
+    let mut w = StoreWriter::create(&path, PatchSize::square(4)).unwrap();
+    for (bag, label, truth) in [
+        (
+            "abnormal_a",
+            BagLabel::Abnormal,
+            [true, false, false, false],
+        ),
+        ("normal_b", BagLabel::Normal, [false; 4]),
+    ] {
+        w.begin_bag(bag, label).unwrap();
+        for abnormal in truth {
+            w.push_patch(&[abnormal as u8; 48], Some(abnormal), "")
+                .unwrap();
+        }
+    }
+    w.finish().unwrap();
+    let p = path.to_str().unwrap();
+
+    let out = slam(&["inspect", p, "--bags", "--verify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("8 patches of 4x4 in 2 bags (1 abnormal, 1 normal)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("P = 4 patches of abnormal bags, N = 4"),
+        "{text}"
+    );
+    assert!(text.contains("witness rate 25.00%"), "{text}");
+    assert!(
+        text.contains("abnormal_a  abnormal        4               1"),
+        "{text}"
+    );
+
+    let out = slam(&["inspect", p, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["summary"]["abnormal_instances"], 1);
+    assert_eq!(json["bags"][1]["abnormal_cells"], 0);
+
+    std::fs::write(&path, b"not a store").unwrap();
+    assert_fails_with(
+        &slam(&["inspect", p]),
+        "s.patches is not a usable patch store",
+    );
+}

@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod dump_step;
 mod init;
+mod inspect;
 
 use std::process::ExitCode;
 
@@ -20,6 +21,7 @@ use clap::{Parser, Subcommand};
   slam bench step                                   time one training step (ResNet-18, crop 64)
   slam init --out model.safetensors                 a fresh ResNet-18 + projector
   slam dump-step --out step.safetensors             one step, every tensor, for cross-checks
+  slam inspect data/train.patches --bags            what a patch store holds
 
 Run `slam <command> --help` for each command's options."
 )]
@@ -35,6 +37,8 @@ struct Cli {
 enum Command {
     /// Write a freshly initialized model as a safetensors checkpoint with the reference names.
     Init(init::InitArgs),
+    /// Describe a patch store: counts, pools, witness rates, bags.
+    Inspect(inspect::InspectArgs),
     /// Run one training step and write its inputs, losses, gradients and states.
     DumpStep(dump_step::DumpStepArgs),
     /// Measure speed.
@@ -53,6 +57,7 @@ fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Init(args) => init::run(args),
         Command::DumpStep(args) => dump_step::run(args),
+        Command::Inspect(args) => inspect::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
