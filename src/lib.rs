@@ -9,6 +9,7 @@
 //!   generic over the engine.
 //! - [`data`]: the packed patch store, image folders and synthetic data to stores, the
 //!   balanced sampler and the augmentation that turns patches into batches; knows no engine.
+//! - [`mil`]: downstream gated-attention multiple-instance learning and its metrics.
 //! - [`checkpoint`]: safetensors checkpoints with the PyTorch reference model's names.
 //! - [`cli`]: the `slam` command line.
 
@@ -17,4 +18,5 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod engine;
+pub mod mil;
 pub mod model;

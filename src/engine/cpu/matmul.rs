@@ -5,22 +5,22 @@ use gemm::Parallelism;
 /// A read-only `rows x cols` matrix inside a slice: element `(r, c)` is
 /// `data[r * row_stride + c * col_stride]`. Transposing is swapping the strides.
 #[derive(Clone, Copy)]
-pub(crate) struct Mat<'a> {
-    pub data: &'a [f32],
+pub(crate) struct Mat<'a, T = f32> {
+    pub data: &'a [T],
     pub rows: usize,
     pub cols: usize,
     pub row_stride: usize,
     pub col_stride: usize,
 }
 
-impl<'a> Mat<'a> {
+impl<'a, T> Mat<'a, T> {
     /// A dense row-major matrix.
-    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
         Self::strided(data, rows, cols, cols)
     }
 
     /// Row-major rows of `cols` values, `row_stride` apart.
-    pub fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+    pub fn strided(data: &'a [T], rows: usize, cols: usize, row_stride: usize) -> Self {
         Self {
             data,
             rows,
@@ -51,9 +51,29 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// The element types products are taken in: f32 for the engine, f64 where exactness
+/// matters more than speed (the MIL head).
+pub(crate) trait Scalar: Copy + 'static {
+    const ONE: Self;
+}
+
+impl Scalar for f32 {
+    const ONE: Self = 1.0;
+}
+
+impl Scalar for f64 {
+    const ONE: Self = 1.0;
+}
+
 /// `dst = lhs * rhs`, or `dst += lhs * rhs` when `accumulate`; `dst` is row-major with
 /// rows `dst_row_stride` apart. Uses every rayon thread for products big enough to share.
-pub(crate) fn gemm(dst: &mut [f32], dst_row_stride: usize, accumulate: bool, lhs: Mat, rhs: Mat) {
+pub(crate) fn gemm<T: Scalar>(
+    dst: &mut [T],
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "inner dimensions differ");
     lhs.check("left");
@@ -79,8 +99,8 @@ pub(crate) fn gemm(dst: &mut [f32], dst_row_stride: usize, accumulate: bool, lhs
             rhs.data.as_ptr(),
             rhs.col_stride as isize,
             rhs.row_stride as isize,
-            1.0,
-            1.0,
+            T::ONE,
+            T::ONE,
             false,
             false,
             false,

@@ -7,7 +7,7 @@
 mod conv;
 mod linear;
 mod loss;
-mod matmul;
+pub(crate) mod matmul;
 mod norm;
 mod pool;
 mod reduce;
