@@ -79,3 +79,47 @@ impl std::io::Write for AtomicFile {
         self.tmp.flush()
     }
 }
+
+/// A directory being filled; it appears under its final name only on [`AtomicDir::commit`]
+/// (a directory rename is atomic). Dropped without a commit, it is removed.
+pub struct AtomicDir {
+    tmp: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl AtomicDir {
+    /// Starts the directory `path`, which must not exist yet.
+    pub fn create(path: &Path) -> Result<Self> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| anyhow!("{} is not a directory path", path.display()))?;
+        let parent = parent_dir(path);
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}.", name.to_string_lossy()))
+            .suffix(".tmp")
+            .tempdir_in(&parent)
+            .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
+        Ok(Self {
+            tmp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Where to write the directory's files until the commit.
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Renames the directory into place and syncs its parent.
+    pub fn commit(self) -> Result<()> {
+        let tmp = self.tmp.keep();
+        if let Err(e) = std::fs::rename(&tmp, &self.path) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e).with_context(|| format!("cannot create {}", self.path.display()));
+        }
+        if let Ok(dir) = File::open(parent_dir(&self.path)) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}

@@ -9,6 +9,8 @@
 //!   generic over the engine.
 //! - [`data`]: the packed patch store, image folders and synthetic data to stores, the
 //!   balanced sampler and the augmentation that turns patches into batches; knows no engine.
+//! - [`pretrain`]: a pretraining run: sampler, augmentation and step in a loop, with metrics,
+//!   checkpoints and exact resume.
 //! - [`mil`]: downstream gated-attention multiple-instance learning and its metrics.
 //! - [`checkpoint`]: safetensors checkpoints with the PyTorch reference model's names.
 //! - [`cli`]: the `slam` command line.
@@ -20,3 +22,4 @@ pub mod data;
 pub mod engine;
 pub mod mil;
 pub mod model;
+pub mod pretrain;

@@ -366,10 +366,12 @@ fn direct_conv(s: &Conv2d, x: &[f64], w: &[f64]) -> Vec<f64> {
 
 /// Training-mode batch norm of `channels` rows (biased batch variance), then the residual
 /// and the ReLU; appends the ReLU mask to `pattern`.
+/// Batch norm with the batch's statistics, or with `running` `[mean; var]` (eval mode).
 fn direct_batchnorm(
     x: &[f64],
     channels: usize,
     affine: &[f64],
+    running: Option<&[f64]>,
     residual: Option<&[f64]>,
     relu: bool,
     pattern: &mut Vec<u32>,
@@ -377,8 +379,9 @@ fn direct_batchnorm(
     let m = x.len() / channels;
     let mut y = Vec::with_capacity(x.len());
     for (c, row) in x.chunks(m).enumerate() {
-        let mean = row.iter().sum::<f64>() / m as f64;
-        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / m as f64;
+        let batch_mean = row.iter().sum::<f64>() / m as f64;
+        let batch_var = row.iter().map(|v| (v - batch_mean).powi(2)).sum::<f64>() / m as f64;
+        let (mean, var) = running.map_or((batch_mean, batch_var), |r| (r[c], r[channels + c]));
         let invstd = 1.0 / (var + BN_EPS as f64).sqrt();
         for (i, &v) in row.iter().enumerate() {
             let mut out = affine[c] * (v - mean) * invstd + affine[channels + c];
@@ -454,6 +457,7 @@ fn direct_linear(
 #[allow(clippy::too_many_arguments)]
 fn direct_conv_bn(
     params: &[f64],
+    running: Option<&[f64]>,
     x: &[f64],
     (batch, h, w): (usize, usize, usize),
     (conv, bn): (&ConvParams, &BnParams),
@@ -473,15 +477,18 @@ fn direct_conv_bn(
     };
     let y = direct_conv(&s, x, &params[conv.weight.clone()]);
     let affine = &params[bn.affine.clone()];
-    let out = direct_batchnorm(&y, bn.channels, affine, residual, relu, pattern);
+    let running = running.map(|r| &r[bn.running.clone()]);
+    let out = direct_batchnorm(&y, bn.channels, affine, running, residual, relu, pattern);
     (out, s.out_h(), s.out_w())
 }
 
-/// The network's training-mode forward pass on `[3, batch, crop, crop]`: `z` (`[out_dim,
-/// batch]`) and the pattern of every ReLU mask and max-pool argmax.
+/// The network's forward pass on `[3, batch, crop, crop]` in training mode, or in eval mode
+/// with `running` statistics: `z` (`[out_dim, batch]`) and the pattern of every ReLU mask and
+/// max-pool argmax.
 fn reference_forward(
     net: &Network,
     params: &[f64],
+    running: Option<&[f64]>,
     input: &[f32],
     batch: usize,
     crop: usize,
@@ -491,6 +498,7 @@ fn reference_forward(
     let input = to_f64(input);
     let (y, h, w) = direct_conv_bn(
         params,
+        running,
         &input,
         (batch, crop, crop),
         stem,
@@ -513,6 +521,7 @@ fn reference_forward(
         let shape = (batch, h, w);
         let (mid, h1, w1) = direct_conv_bn(
             params,
+            running,
             &x,
             shape,
             (&b.conv1, &b.bn1),
@@ -522,13 +531,15 @@ fn reference_forward(
         );
         let shortcut = match &b.downsample {
             Some((conv, bn)) => {
-                direct_conv_bn(params, &x, shape, (conv, bn), None, false, &mut pattern).0
+                let bn = (conv, bn);
+                direct_conv_bn(params, running, &x, shape, bn, None, false, &mut pattern).0
             }
             None => x,
         };
         let second = (&b.conv2, &b.bn2);
         x = direct_conv_bn(
             params,
+            running,
             &mid,
             (batch, h1, w1),
             second,
@@ -1293,7 +1304,8 @@ impl NetCase {
             .views
             .iter()
             .map(|view| {
-                let (z, p) = reference_forward(&self.net, params, view, self.batch, self.crop);
+                let (z, p) =
+                    reference_forward(&self.net, params, None, view, self.batch, self.crop);
                 pattern.extend(p);
                 z
             })
@@ -1320,7 +1332,8 @@ impl NetCase {
             .collect();
         let params64 = to_f64(params);
         for (view, acts) in self.views.iter().zip(&acts) {
-            let (want, _) = reference_forward(&self.net, &params64, view, self.batch, self.crop);
+            let (want, _) =
+                reference_forward(&self.net, &params64, None, view, self.batch, self.crop);
             let err = rel_diff(&to_f64(&acts.z), &want);
             assert!(err <= 1e-4, "z differs from the f64 reference by {err:.2e}");
         }
@@ -1474,7 +1487,7 @@ fn gradcheck_trainer_task_gradients() {
         let f = |p: &[f64]| {
             let mut pattern = Vec::new();
             let [z_i, z_j] = views.map(|view| {
-                let (z, p) = reference_forward(&net, p, view, n, crop);
+                let (z, p) = reference_forward(&net, p, None, view, n, crop);
                 pattern.extend(p);
                 z
             });
@@ -1513,6 +1526,66 @@ fn gradcheck_trainer_task_gradients() {
             NET_STEP,
             &dirs,
             f,
+        );
+    }
+}
+
+/// The network's eval-mode forward (running statistics, as `model.eval()`) against the f64
+/// reference, and its independence of the other images in the batch.
+#[test]
+fn network_eval_forward_matches_reference() {
+    let config = NetConfig {
+        width: 4,
+        blocks: [1, 1, 2, 1],
+        out_dim: 8,
+    };
+    let (net, mut state) = random_state(config, 171);
+    let mut rng = rng(172);
+    for bn in net.bns() {
+        let c = bn.channels;
+        let running = &mut state.running[bn.running.clone()];
+        running[..c].copy_from_slice(&normal(&mut rng, c, 0.0, 0.5));
+        running[c..].copy_from_slice(&uniform(&mut rng, c, 0.5, 2.0));
+    }
+    let (batch, crop) = (3, 24);
+    let input = HostBatch::random(batch, 2, crop, 173);
+    let x = input.upload(&ENG).unwrap().pos_i;
+    let params = ENG.upload(&state.params).unwrap();
+    let running = ENG.upload(&state.running).unwrap();
+    let acts = net
+        .forward_eval(&ENG, &params, &running, &x, batch, crop)
+        .unwrap();
+    let (want, _) = reference_forward(
+        &net,
+        &to_f64(&state.params),
+        Some(&to_f64(&state.running)),
+        &x,
+        batch,
+        crop,
+    );
+    let err = rel_diff(&to_f64(&acts.z), &want);
+    println!("eval forward: relative error {err:.2e}");
+    assert!(err < 1e-5, "eval forward differs from the reference: {err}");
+    assert_eq!(
+        ENG.download(&running).unwrap(),
+        state.running,
+        "eval changed running stats"
+    );
+
+    // Image 1 alone gives the same z as inside the batch (feature-major columns).
+    let plane = crop * crop;
+    let single: Vec<f32> = (0..3)
+        .flat_map(|c| x[(c * batch + 1) * plane..(c * batch + 2) * plane].to_vec())
+        .collect();
+    let single = ENG.upload(&single).unwrap();
+    let alone = net
+        .forward_eval(&ENG, &params, &running, &single, 1, crop)
+        .unwrap();
+    for d in 0..config.out_dim {
+        let (a, b) = (alone.z[d], acts.z[d * batch + 1]);
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "dim {d}: {a} vs {b}"
         );
     }
 }

@@ -6,6 +6,7 @@ mod bench;
 mod dump_step;
 mod init;
 mod inspect;
+mod pretrain;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,7 @@ use clap::{Parser, Subcommand};
   slam init --out model.safetensors                 a fresh ResNet-18 + projector
   slam dump-step --out step.safetensors             one step, every tensor, for cross-checks
   slam inspect data/train.patches --bags            what a patch store holds
+  slam pretrain data/train.patches --out runs/a     pretrain (checkpoints, metrics, resume)
 
 Run `slam <command> --help` for each command's options."
 )]
@@ -39,6 +41,8 @@ enum Command {
     Init(init::InitArgs),
     /// Describe a patch store: counts, pools, witness rates, bags.
     Inspect(inspect::InspectArgs),
+    /// Pretrain the encoder on a patch store (SLAM-AGS, or an ablation).
+    Pretrain(pretrain::PretrainArgs),
     /// Run one training step and write its inputs, losses, gradients and states.
     DumpStep(dump_step::DumpStepArgs),
     /// Measure speed.
@@ -58,6 +62,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Init(args) => init::run(args),
         Command::DumpStep(args) => dump_step::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod augment;
 pub mod bags;
+pub mod batch;
 pub mod pack;
 pub mod plan;
 pub mod rng;

@@ -447,6 +447,15 @@ impl PatchStore {
         }
     }
 
+    /// Identifies the store's contents (its table and pixel checksums): a resumed run checks
+    /// it is reading the same data.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "{:08x}{:08x}",
+            self.header.tables_crc32, self.header.pixels_crc32
+        )
+    }
+
     /// Reads every pixel and checks it against the checksum written with the store.
     pub fn verify_pixels(&self) -> Result<()> {
         let crc = crc32fast::hash(self.pixels());

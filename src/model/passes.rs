@@ -28,6 +28,14 @@ struct Block<E: Engine> {
     downsample: Option<ConvBn<E>>,
 }
 
+/// How batch norm runs in a forward pass.
+enum Norm<'r, E: Engine> {
+    /// With the batch's statistics, updating the running ones.
+    Train(&'r mut E::Buf),
+    /// With the running statistics (evaluation).
+    Eval(&'r E::Buf),
+}
+
 /// Everything one training-mode forward pass keeps for its backward pass.
 pub struct Activations<'a, E: Engine> {
     batch: usize,
@@ -37,7 +45,7 @@ pub struct Activations<'a, E: Engine> {
     pooled: E::Buf,
     blocks: Vec<Block<E>>,
     /// Encoder output `h`, `[feature_dim, N]`.
-    features: E::Buf,
+    pub features: E::Buf,
     /// Projector hidden layer after its ReLU, `[feature_dim, N]`.
     hidden: E::Buf,
     /// Projector output `z`, `[out_dim, N]`.
@@ -58,7 +66,7 @@ impl Network {
         &self,
         eng: &E,
         params: &E::Buf,
-        running: &mut E::Buf,
+        norm: &mut Norm<'_, E>,
         (conv, bn): (&ConvParams, &BnParams),
         x: &E::Buf,
         (batch, h, w): (usize, usize, usize),
@@ -86,16 +94,29 @@ impl Network {
         };
         let mut saved = eng.zeros(2 * bn.channels)?;
         let mut out = eng.zeros(bs.len())?;
-        eng.batchnorm_train_forward(
-            &bs,
-            eng.all(&conv_out),
-            eng.view(params, bn.affine.clone()),
-            residual.map(|r| eng.all(r)),
-            relu,
-            eng.all_mut(&mut out),
-            eng.all_mut(&mut saved),
-            eng.view_mut(running, bn.running.clone()),
-        )?;
+        let affine = eng.view(params, bn.affine.clone());
+        let residual = residual.map(|r| eng.all(r));
+        match norm {
+            Norm::Train(running) => eng.batchnorm_train_forward(
+                &bs,
+                eng.all(&conv_out),
+                affine,
+                residual,
+                relu,
+                eng.all_mut(&mut out),
+                eng.all_mut(&mut saved),
+                eng.view_mut(running, bn.running.clone()),
+            )?,
+            Norm::Eval(running) => eng.batchnorm_eval_forward(
+                &bs,
+                eng.all(&conv_out),
+                affine,
+                eng.view(running, bn.running.clone()),
+                residual,
+                relu,
+                eng.all_mut(&mut out),
+            )?,
+        }
         Ok(ConvBn {
             conv: cs,
             bn: bs,
@@ -159,6 +180,33 @@ impl Network {
             batch >= 2,
             "batch norm in training mode needs at least 2 images per pass, got {batch}"
         );
+        self.forward(eng, params, Norm::Train(running), input, batch, crop)
+    }
+
+    /// Evaluation-mode forward pass (PyTorch's `model.eval()`): batch norms use the running
+    /// statistics, which stay unchanged. The result's `features` is h and `z` the projection.
+    pub fn forward_eval<'a, E: Engine>(
+        &self,
+        eng: &E,
+        params: &E::Buf,
+        running: &E::Buf,
+        input: &'a E::Buf,
+        batch: usize,
+        crop: usize,
+    ) -> Result<Activations<'a, E>> {
+        ensure!(batch >= 1, "an evaluation pass needs at least 1 image");
+        self.forward(eng, params, Norm::Eval(running), input, batch, crop)
+    }
+
+    fn forward<'a, E: Engine>(
+        &self,
+        eng: &E,
+        params: &E::Buf,
+        mut norm: Norm<'_, E>,
+        input: &'a E::Buf,
+        batch: usize,
+        crop: usize,
+    ) -> Result<Activations<'a, E>> {
         ensure!(crop >= 1, "crop must be at least 1 pixel");
         ensure!(
             eng.buf_len(input) == 3 * batch * crop * crop,
@@ -168,7 +216,7 @@ impl Network {
         let stem = self.conv_bn_forward(
             eng,
             params,
-            running,
+            &mut norm,
             (&self.stem_conv, &self.stem_bn),
             input,
             (batch, crop, crop),
@@ -194,7 +242,7 @@ impl Network {
             let first = self.conv_bn_forward(
                 eng,
                 params,
-                running,
+                &mut norm,
                 (&spec.conv1, &spec.bn1),
                 x,
                 shape,
@@ -205,7 +253,7 @@ impl Network {
                 Some((conv, bn)) => Some(self.conv_bn_forward(
                     eng,
                     params,
-                    running,
+                    &mut norm,
                     (conv, bn),
                     x,
                     shape,
@@ -219,7 +267,7 @@ impl Network {
             let second = self.conv_bn_forward(
                 eng,
                 params,
-                running,
+                &mut norm,
                 (&spec.conv2, &spec.bn2),
                 &first.out,
                 (batch, h1, w1),

@@ -57,12 +57,13 @@ impl HostBatch {
         }
     }
 
-    /// Checks sizes: every pass needs two images or more for batch norm.
+    /// Checks sizes: every pass needs two images or more for batch norm. A batch without
+    /// negatives (`n_neg == 0`) trains the contrastive task alone (the SimCLR ablation).
     pub fn validate(&self) -> Result<()> {
         ensure!(self.crop > 0, "crop must be at least 1 pixel");
         for (name, n, data) in self.views() {
             ensure!(
-                n >= 2,
+                n >= 2 || (n == 0 && name.starts_with("neg")),
                 "{name}: batch norm in training mode needs at least 2 images, got {n}"
             );
             ensure!(
@@ -130,6 +131,10 @@ pub struct StepReport {
     pub loss_cohesion: f32,
     pub lr: f64,
     pub combination: Combination,
+    /// Mean over the dimensions of z of the standard deviation across the batch of the
+    /// L2-normalized embeddings of the first positive view: about 1/sqrt(dim) for spread-out
+    /// embeddings, near zero when they collapse to one point.
+    pub embedding_std: f32,
     /// Host wall time of the four passes with both losses and backward passes.
     #[serde(skip)]
     pub seconds_tasks: f64,
@@ -187,7 +192,7 @@ impl<E: Engine> Trainer<E> {
     }
 
     /// Forward both views of one task, take its loss and backpropagate both into `grad`
-    /// (zeroed first). Returns the loss.
+    /// (zeroed first). Returns the loss and the [`StepReport::embedding_std`] of view i.
     fn task_gradient(
         &mut self,
         eng: &E,
@@ -196,7 +201,7 @@ impl<E: Engine> Trainer<E> {
         batch: usize,
         crop: usize,
         temperature: f32,
-    ) -> Result<f32> {
+    ) -> Result<(f32, f32)> {
         let net = &self.net;
         let acts_i =
             net.forward_train(eng, &self.params, &mut self.running, view_i, batch, crop)?;
@@ -224,7 +229,8 @@ impl<E: Engine> Trainer<E> {
         eng.fill_zero(eng.all_mut(grad))?;
         net.backward(eng, &self.params, &acts_i, dz_i, grad)?;
         net.backward(eng, &self.params, &acts_j, dz_j, grad)?;
-        Ok(loss)
+        let spread = embedding_std(&eng.download(eng.all(&acts_i.z))?, pair.dim, batch);
+        Ok((loss, spread))
     }
 
     /// One training step at learning rate `lr`. When `combined` is given it receives the
@@ -246,10 +252,16 @@ impl<E: Engine> Trainer<E> {
         let start = Instant::now();
         let pos = (&batch.pos_i, &batch.pos_j);
         let neg = (&batch.neg_i, &batch.neg_j);
-        let loss_contrastive =
+        let (loss_contrastive, embedding_std) =
             self.task_gradient(eng, Task::Contrastive, pos, batch.n_pos, batch.crop, t)?;
-        let loss_cohesion =
-            self.task_gradient(eng, Task::Cohesion, neg, batch.n_neg, batch.crop, t)?;
+        let loss_cohesion = if batch.n_neg > 0 {
+            self.task_gradient(eng, Task::Cohesion, neg, batch.n_neg, batch.crop, t)?
+                .0
+        } else {
+            // Contrastive only: g2 = 0, so every surgery mode reduces to g = g1.
+            eng.fill_zero(eng.all_mut(&mut self.g2))?;
+            0.0
+        };
         let seconds_tasks = start.elapsed().as_secs_f64();
         let start = Instant::now();
         let dots: GradDots = eng.grad_dots(eng.all(&self.g1), eng.all(&self.g2))?;
@@ -272,8 +284,33 @@ impl<E: Engine> Trainer<E> {
             loss_cohesion,
             lr,
             combination,
+            embedding_std,
             seconds_tasks,
             seconds_update: start.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// Mean over dimensions of the standard deviation across the batch of the L2-normalized
+/// embeddings; `z` is `[dim, n]` (feature-major, as the engines hold it).
+pub fn embedding_std(z: &[f32], dim: usize, n: usize) -> f32 {
+    let inv_norms: Vec<f64> = (0..n)
+        .map(|i| {
+            let sq: f64 = (0..dim).map(|d| (z[d * n + i] as f64).powi(2)).sum();
+            1.0 / sq.sqrt().max(1e-12)
+        })
+        .collect();
+    let total: f64 = z
+        .chunks_exact(n)
+        .map(|row| {
+            let f: Vec<f64> = row
+                .iter()
+                .zip(&inv_norms)
+                .map(|(&v, s)| v as f64 * s)
+                .collect();
+            let mean = f.iter().sum::<f64>() / n as f64;
+            (f.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt()
+        })
+        .sum();
+    (total / dim as f64) as f32
 }

@@ -1,0 +1,218 @@
+//! Pretraining runs on the CPU engine: metrics and checkpoints, exact resume, the SimCLR
+//! ablation and the divergence guard.
+
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use slam_ags::checkpoint;
+use slam_ags::data::{BagLabel, PatchSize, StoreWriter};
+use slam_ags::engine::cpu::CpuEngine;
+use slam_ags::pretrain::{Objective, PretrainConfig, Quiet, Run};
+
+/// Four bags of 12 random 16x16 patches, two abnormal.
+fn random_store(dir: &Path) -> PathBuf {
+    let path = dir.join("train.patches");
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut w = StoreWriter::create(&path, PatchSize::square(16)).unwrap();
+    for (name, label) in [
+        ("abnormal_0", BagLabel::Abnormal),
+        ("normal_0", BagLabel::Normal),
+        ("abnormal_1", BagLabel::Abnormal),
+        ("normal_1", BagLabel::Normal),
+    ] {
+        w.begin_bag(name, label).unwrap();
+        for _ in 0..12 {
+            let pixels: Vec<u8> = (0..16 * 16 * 3).map(|_| rng.random()).collect();
+            w.push_patch(&pixels, None, "").unwrap();
+        }
+    }
+    w.finish().unwrap();
+    path
+}
+
+fn tiny_config(store: PathBuf) -> PretrainConfig {
+    PretrainConfig {
+        store,
+        arch: "resnet10".into(),
+        width: Some(4),
+        out_dim: Some(8),
+        batch: 8,
+        epochs: 3,
+        warmup_epochs: 1,
+        lr: 0.05,
+        crop: 12,
+        checkpoint_every: 3,
+        seed: 11,
+        ..PretrainConfig::default()
+    }
+}
+
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_run_writes_metrics_checkpoints_and_a_loadable_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(random_store(dir.path()));
+    let out = dir.path().join("run");
+    let mut run = Run::create(&out, config).unwrap();
+    assert_eq!(run.steps_per_epoch(), 6); // 24 + 24 patches, 4 + 4 per batch
+    assert_eq!(run.end_step(), 18);
+    let state = run.train(&CpuEngine, &mut Quiet).unwrap();
+
+    let metrics = lines(&out.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 18);
+    for (i, m) in metrics.iter().enumerate() {
+        assert_eq!(m["step"], i as u64);
+        assert_eq!(m["epoch"], i as u64 / 6);
+        for key in [
+            "loss_contrastive",
+            "loss_cohesion",
+            "lr",
+            "images_per_s",
+            "embedding_std",
+        ] {
+            let v = m[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} missing: {m}"));
+            assert!(v.is_finite() && v >= 0.0, "{key} = {v}");
+        }
+        let cosine = m["combination"]["cosine"].as_f64().unwrap();
+        assert!((-1.0..=1.0).contains(&cosine));
+    }
+    // Warm-up epoch 0 at lr/1, then cosine decay from the full rate.
+    assert_eq!(metrics[0]["lr"].as_f64().unwrap() as f32, 0.05);
+    assert!(metrics[17]["lr"].as_f64().unwrap() < 0.05);
+    let epochs = lines(&out.join("epochs.jsonl"));
+    assert_eq!(epochs.len(), 3);
+    assert_eq!(epochs[2]["steps"], 6);
+
+    let mut kept: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-00000015", "step-00000018"]);
+    let model = checkpoint::load(&out.join("model.safetensors")).unwrap();
+    assert_eq!(model, state);
+    let last = checkpoint::load(&out.join("checkpoints/step-00000018/model.safetensors")).unwrap();
+    assert_eq!(last, state);
+    let toml = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(toml.contains("checkpoint_every = 3"), "{toml}");
+}
+
+#[test]
+fn resuming_gives_bit_identical_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = random_store(dir.path());
+    let straight = dir.path().join("straight");
+    let config = PretrainConfig {
+        max_steps: Some(8),
+        ..tiny_config(store)
+    };
+    let want = Run::create(&straight, config.clone())
+        .unwrap()
+        .train(&CpuEngine, &mut Quiet)
+        .unwrap();
+
+    // Stop after 4 steps (checkpoint at 3 and at the stop), drop the last checkpoint as a
+    // crash would, resume from step 3 and go on to 8.
+    let split = dir.path().join("split");
+    let first = PretrainConfig {
+        max_steps: Some(4),
+        ..config
+    };
+    Run::create(&split, first)
+        .unwrap()
+        .train(&CpuEngine, &mut Quiet)
+        .unwrap();
+    std::fs::remove_dir_all(split.join("checkpoints/step-00000004")).unwrap();
+    let mut resumed = Run::resume(&split, Some(8)).unwrap();
+    assert_eq!(resumed.step(), 3);
+    let got = resumed.train(&CpuEngine, &mut Quiet).unwrap();
+    assert_eq!(got, want, "resumed parameters differ");
+
+    let strip = |path: &Path| -> Vec<serde_json::Value> {
+        let mut lines = lines(path);
+        for l in &mut lines {
+            l.as_object_mut().unwrap().remove("images_per_s");
+        }
+        lines
+    };
+    assert_eq!(
+        strip(&split.join("metrics.jsonl")),
+        strip(&straight.join("metrics.jsonl")),
+        "the resumed run's metrics are not the uninterrupted run's"
+    );
+}
+
+#[test]
+fn simclr_trains_the_contrastive_task_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = PretrainConfig {
+        objective: Objective::Simclr,
+        max_steps: Some(2),
+        ..tiny_config(random_store(dir.path()))
+    };
+    let out = dir.path().join("run");
+    Run::create(&out, config)
+        .unwrap()
+        .train(&CpuEngine, &mut Quiet)
+        .unwrap();
+    for m in lines(&out.join("metrics.jsonl")) {
+        assert_eq!(m["loss_cohesion"], 0.0);
+        assert_eq!(m["combination"]["norm_g2"], 0.0);
+        assert_eq!(m["combination"]["fired"], false);
+        assert!(m["loss_contrastive"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn divergence_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = PretrainConfig {
+        lr: 1e30,
+        warmup_epochs: 0,
+        checkpoint_every: 1,
+        ..tiny_config(random_store(dir.path()))
+    };
+    let out = dir.path().join("run");
+    let err = Run::create(&out, config)
+        .unwrap()
+        .train(&CpuEngine, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("training diverged at step"), "{err}");
+    assert!(err.contains("the last good checkpoint is"), "{err}");
+    assert!(!out.join("model.safetensors").exists());
+}
+
+#[test]
+fn runs_refuse_bad_folders_and_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = random_store(dir.path());
+    let err = |r: anyhow::Result<Run>| format!("{:#}", r.err().expect("accepted"));
+    // A non-empty folder that is not a run.
+    assert!(err(Run::create(dir.path(), tiny_config(store.clone()))).contains("is not empty"));
+    assert!(err(Run::resume(dir.path(), None)).contains("not a pretraining run folder"));
+    let huge = PretrainConfig {
+        batch: 1000,
+        ..tiny_config(store.clone())
+    };
+    let e = err(Run::create(&dir.path().join("a"), huge));
+    assert!(e.contains("more than the pools hold"), "{e}");
+    let big_crop = PretrainConfig {
+        crop: 17,
+        ..tiny_config(store)
+    };
+    let e = err(Run::create(&dir.path().join("b"), big_crop));
+    assert!(e.contains("crop"), "{e}");
+    assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
+}
