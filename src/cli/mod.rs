@@ -2,6 +2,7 @@
 //! the library; each command's module turns arguments into library calls and prints results.
 
 mod args;
+mod bags;
 mod bench;
 mod dump_step;
 mod init;
@@ -22,6 +23,8 @@ use clap::{Parser, Subcommand};
   slam init --out model.safetensors                 a fresh ResNet-18 + projector
   slam dump-step --out step.safetensors             one step, every tensor, for cross-checks
   slam pack slides/ --out slides.patches            image folders (one per bag) to a patch store
+  slam bags cells/ --out bags/ --negative-class LYT --positive-class BLA --bags 60 \\
+      --bag-size 1000 --witness-rate 0.01          bags at a witness rate from cell classes
 
 Run `slam <command> --help` for each command's options."
 )]
@@ -41,6 +44,8 @@ enum Command {
     DumpStep(dump_step::DumpStepArgs),
     /// Pack folders of PNG/JPEG images (one folder per bag) into a patch store.
     Pack(pack::PackArgs),
+    /// Build bags at a chosen witness rate from folders of labelled cells: train and test stores.
+    Bags(bags::BagsArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -58,6 +63,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Init(args) => init::run(args),
         Command::DumpStep(args) => dump_step::run(args),
         Command::Pack(args) => pack::run(args),
+        Command::Bags(args) => bags::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
