@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::HumanBytes;
 
-use super::pack::{ImageArgs, print_speed, print_tally, progress_bar};
+use super::pack::{ImageArgs, print_speed, print_tally, with_progress};
 use crate::data::bags::{BagsOptions, TEST_FILE, TRAIN_FILE, build_bags};
 use crate::data::plan::BagPlanConfig;
 
@@ -72,13 +72,7 @@ pub fn run(args: &BagsArgs) -> Result<()> {
         positive_classes: args.positive_class.clone(),
         images: args.images.options(),
     };
-    let bar = progress_bar()?;
-    let report = build_bags(&args.cells, &args.out, &options, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    });
-    bar.finish_and_clear();
-    let report = report?;
+    let report = with_progress(|progress| build_bags(&args.cells, &args.out, &options, progress))?;
     println!(
         "wrote {} and {} in {} from {}: {} cells per bag, {} abnormal in each abnormal bag",
         TRAIN_FILE,

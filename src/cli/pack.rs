@@ -75,13 +75,7 @@ pub fn run(args: &PackArgs) -> Result<()> {
         labels: args.labels.clone(),
         images: args.images.options(),
     };
-    let bar = progress_bar()?;
-    let report = pack_folder(&args.input, &args.out, &options, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    });
-    bar.finish_and_clear();
-    let report = report?;
+    let report = with_progress(|progress| pack_folder(&args.input, &args.out, &options, progress))?;
     let s = &report.summary;
     println!(
         "wrote {} from {} ({})",
@@ -115,11 +109,20 @@ pub fn run(args: &PackArgs) -> Result<()> {
     Ok(())
 }
 
-/// A bar over the images, on stderr (indicatif hides it when stderr is not a terminal).
-pub(super) fn progress_bar() -> Result<ProgressBar> {
-    Ok(ProgressBar::new(0).with_style(ProgressStyle::with_template(
+/// Runs `work` with a bar over its images on stderr (indicatif hides it when stderr is not a
+/// terminal), cleared when the work ends.
+pub(super) fn with_progress<T>(
+    work: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>,
+) -> Result<T> {
+    let bar = ProgressBar::new(0).with_style(ProgressStyle::with_template(
         "[{bar:30}] {pos}/{len} images, {per_sec}, {eta} left",
-    )?))
+    )?);
+    let result = work(&mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    result
 }
 
 /// What happened to the files that did not become patches as they are.
