@@ -2,11 +2,13 @@
 //! the library; each command's module turns arguments into library calls and prints results.
 
 mod args;
+mod bags;
 mod bench;
 mod dump_step;
 mod init;
 mod inspect;
 mod pretrain;
+mod pack;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,9 @@ use clap::{Parser, Subcommand};
   slam dump-step --out step.safetensors             one step, every tensor, for cross-checks
   slam inspect data/train.patches --bags            what a patch store holds
   slam pretrain data/train.patches --out runs/a     pretrain (checkpoints, metrics, resume)
+  slam pack slides/ --out slides.patches            image folders (one per bag) to a patch store
+  slam bags cells/ --out bags/ --negative-class LYT --positive-class BLA --bags 60 \\
+      --bag-size 1000 --witness-rate 0.01          bags at a witness rate from cell classes
 
 Run `slam <command> --help` for each command's options."
 )]
@@ -45,6 +50,10 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Run one training step and write its inputs, losses, gradients and states.
     DumpStep(dump_step::DumpStepArgs),
+    /// Pack folders of PNG/JPEG images (one folder per bag) into a patch store.
+    Pack(pack::PackArgs),
+    /// Build bags at a chosen witness rate from folders of labelled cells: train and test stores.
+    Bags(bags::BagsArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -63,6 +72,8 @@ fn run(cli: &Cli) -> Result<()> {
         Command::DumpStep(args) => dump_step::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Pretrain(args) => pretrain::run(args),
+        Command::Pack(args) => pack::run(args),
+        Command::Bags(args) => bags::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -21,3 +21,63 @@ pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         .unwrap()
         .install(f)
 }
+
+/// Runs the built `slam` binary.
+pub fn slam(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_slam"))
+        .args(args)
+        .output()
+        .expect("slam runs")
+}
+
+/// Asserts that `out` is a failure with exit status 1 whose stderr mentions every needle and
+/// no panic; returns stderr.
+pub fn assert_fails_with(out: &std::process::Output, needles: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit status 1; stderr {err:?}"
+    );
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "stderr {err:?} does not mention {needle:?}"
+        );
+    }
+    assert!(!err.contains("panicked"), "slam panicked: {err}");
+    err
+}
+
+/// Asserts that `out` is a success; returns stdout and stderr together.
+pub fn assert_succeeds(out: &std::process::Output) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "slam failed: {text}");
+    text
+}
+
+/// A deterministic RGB image whose pixels depend on `seed` and position.
+pub fn test_image(width: u32, height: u32, seed: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([
+            (x * 7 + seed * 31) as u8,
+            (y * 13 + seed * 5) as u8,
+            (x * y + seed * 3) as u8,
+        ])
+    })
+}
+
+/// Saves an image at `path` in the format its extension names, creating its folder.
+pub fn save_image(path: &std::path::Path, image: impl Into<image::DynamicImage>) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image.into().save(path).unwrap();
+}
+
+/// The path of `path` as a `&str` for command lines.
+pub fn arg(path: &std::path::Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
