@@ -20,9 +20,7 @@ impl AtomicFile {
             .file_name()
             .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
         let dir = parent_dir(path);
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{}.", name.to_string_lossy()))
-            .suffix(".tmp")
+        let tmp = staging(&format!(".{}.", name.to_string_lossy()), 0o644)
             .tempfile_in(&dir)
             .with_context(|| format!("cannot create a file in {}", dir.display()))?;
         Ok(Self {
@@ -63,6 +61,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     file.commit()
 }
 
+/// Temporary names are `.<name>.<random>.tmp`, beside the final name. Temporary
+/// files are private by default; outputs get the ordinary `mode` instead.
+fn staging(prefix: &str, mode: u32) -> tempfile::Builder<'_, 'static> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(prefix).suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(mode));
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    builder
+}
+
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -94,9 +107,7 @@ impl AtomicDir {
             .file_name()
             .ok_or_else(|| anyhow!("{} is not a directory path", path.display()))?;
         let parent = parent_dir(path);
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{}.", name.to_string_lossy()))
-            .suffix(".tmp")
+        let tmp = staging(&format!(".{}.", name.to_string_lossy()), 0o755)
             .tempdir_in(&parent)
             .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
         Ok(Self {

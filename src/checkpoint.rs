@@ -16,6 +16,23 @@ use crate::model::{ModelState, NetConfig, Network};
 /// the same run must give the same bytes).
 pub const INFO_KEY: &str = "slam_ags";
 
+/// Element types of the tensors this crate reads and writes.
+pub trait Element: bytemuck::Pod {
+    const DTYPE: Dtype;
+}
+
+impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+}
+
+impl Element for f64 {
+    const DTYPE: Dtype = Dtype::F64;
+}
+
+impl Element for i64 {
+    const DTYPE: Dtype = Dtype::I64;
+}
+
 /// A set of named tensors and string metadata, written atomically as one safetensors file.
 #[derive(Default)]
 pub struct TensorWriter {
@@ -29,13 +46,18 @@ impl TensorWriter {
     }
 
     pub fn f32(&mut self, name: impl Into<String>, shape: &[usize], data: &[f32]) {
-        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.push(name.into(), Dtype::F32, shape, data.len(), bytes);
+        self.tensor(name, shape, data);
     }
 
     pub fn i64(&mut self, name: impl Into<String>, shape: &[usize], data: &[i64]) {
-        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.push(name.into(), Dtype::I64, shape, data.len(), bytes);
+        self.tensor(name, shape, data);
+    }
+
+    /// Adds the tensor `name` of `shape` holding `data`.
+    pub fn tensor<T: Element>(&mut self, name: impl Into<String>, shape: &[usize], data: &[T]) {
+        // safetensors is little-endian, like every platform this crate builds for.
+        let bytes = bytemuck::cast_slice(data).to_vec();
+        self.push(name.into(), T::DTYPE, shape, data.len(), bytes);
     }
 
     fn push(&mut self, name: String, dtype: Dtype, shape: &[usize], count: usize, bytes: Vec<u8>) {
@@ -151,23 +173,30 @@ impl TensorFile {
 
     /// The f32 tensor `name` and its shape.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        self.tensor(name)
+    }
+
+    /// The tensor `name` (of element type `T`) and its shape.
+    pub fn tensor<T: Element>(&self, name: &str) -> Result<(Vec<T>, Vec<usize>)> {
         let view = self.view(name)?;
         ensure!(
-            view.dtype() == Dtype::F32,
-            "{}: tensor {name} is {:?}, expected F32",
+            view.dtype() == T::DTYPE,
+            "{}: tensor {name} is {:?}, expected {:?}",
             self.path.display(),
-            view.dtype()
+            view.dtype(),
+            T::DTYPE
         );
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()));
-        Ok((data.collect(), view.shape().to_vec()))
+        Ok((bytemuck::pod_collect_to_vec(view.data()), view.shape().to_vec()))
     }
 
     /// The f32 tensor `name`, which must have `shape`.
     pub fn f32_shaped(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (data, got) = self.f32(name)?;
+        self.tensor_shaped(name, shape)
+    }
+
+    /// The tensor `name`, which must have element type `T` and `shape`.
+    pub fn tensor_shaped<T: Element>(&self, name: &str, shape: &[usize]) -> Result<Vec<T>> {
+        let (data, got) = self.tensor::<T>(name)?;
         ensure!(
             got == shape,
             "{}: tensor {name} has shape {got:?}, expected {shape:?}",

@@ -11,6 +11,7 @@
 //!   balanced sampler and the augmentation that turns patches into batches; knows no engine.
 //! - [`pretrain`]: a pretraining run: sampler, augmentation and step in a loop, with metrics,
 //!   checkpoints and exact resume.
+//! - [`embed`]: a trained model over every patch of a store, and the embeddings file.
 //! - [`mil`]: downstream gated-attention multiple-instance learning and its metrics.
 //! - [`checkpoint`]: safetensors checkpoints with the PyTorch reference model's names.
 //! - [`cli`]: the `slam` command line.
@@ -19,6 +20,7 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod embed;
 pub mod engine;
 pub mod mil;
 pub mod model;

@@ -5,7 +5,9 @@ mod args;
 mod bags;
 mod bench;
 mod dump_step;
+mod embed;
 mod init;
+mod mil;
 mod inspect;
 mod pretrain;
 mod pack;
@@ -48,6 +50,11 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Pretrain the encoder on a patch store (SLAM-AGS, or an ablation).
     Pretrain(pretrain::PretrainArgs),
+    /// Embed every patch of a store with a trained model.
+    Embed(embed::EmbedArgs),
+    /// Gated-attention multiple-instance learning on embedded bags.
+    #[command(subcommand)]
+    Mil(mil::MilCommand),
     /// Run one training step and write its inputs, losses, gradients and states.
     DumpStep(dump_step::DumpStepArgs),
     /// Pack folders of PNG/JPEG images (one folder per bag) into a patch store.
@@ -74,6 +81,8 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Pretrain(args) => pretrain::run(args),
         Command::Pack(args) => pack::run(args),
         Command::Bags(args) => bags::run(args),
+        Command::Embed(args) => embed::run(args),
+        Command::Mil(cmd) => mil::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -4,6 +4,7 @@
 pub mod adam;
 pub mod metrics;
 pub mod model;
+pub mod report;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;

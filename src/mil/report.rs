@@ -1,0 +1,103 @@
+//! Files a MIL run writes: the trained head (safetensors, f64), per-bag predictions and
+//! per-patch attention (CSV), and the metrics (JSON).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, ensure};
+
+use super::{AbMil, BagPrediction, Evaluation, MilConfig};
+use crate::atomic::write_atomic;
+use crate::checkpoint::{TensorFile, TensorWriter};
+use crate::embed::Embeddings;
+
+pub const MODEL_FILE: &str = "mil.safetensors";
+pub const PREDICTIONS_FILE: &str = "predictions.csv";
+pub const ATTENTION_FILE: &str = "attention.csv";
+pub const METRICS_FILE: &str = "metrics.json";
+
+/// Writes the head's parameters under the names of [`super::model::MilLayout::tensors`].
+pub fn save_model(path: &Path, model: &AbMil, params: &[f64]) -> Result<()> {
+    let mut w = TensorWriter::new();
+    for (name, range, _, shape) in model.layout.tensors(model.config) {
+        w.tensor(name, &shape, &params[range]);
+    }
+    w.info("mil", model.config)?;
+    w.write(path)
+}
+
+pub fn load_model(path: &Path) -> Result<(AbMil, Vec<f64>)> {
+    let file = TensorFile::open(path)?;
+    let config: MilConfig = file
+        .info("mil")
+        .and_then(|v| serde_json::from_value(v).ok())
+        .with_context(|| format!("{} is not a MIL model (write one with `slam mil train`)", path.display()))?;
+    ensure!(
+        [config.input_dim, config.hidden, config.attention].iter().all(|&d| (1..=1 << 16).contains(&d)),
+        "{}: implausible MIL sizes {config:?}",
+        path.display()
+    );
+    let model = AbMil::new(config);
+    let mut params = vec![0.0; model.param_len()];
+    for (name, range, _, shape) in model.layout.tensors(config) {
+        params[range].copy_from_slice(&file.tensor_shaped::<f64>(name, &shape)?);
+    }
+    Ok((model, params))
+}
+
+/// Writes predictions, attention and metrics of `embeddings` into `dir`.
+pub fn write_evaluation(
+    dir: &Path,
+    embeddings: &Embeddings,
+    predictions: &[BagPrediction],
+    evaluation: &Evaluation,
+) -> Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["bag", "label", "probability", "predicted"])?;
+    for (bag, p) in embeddings.bags.iter().zip(predictions) {
+        let predicted = if p.probability >= 0.5 { "abnormal" } else { "normal" };
+        w.write_record([&bag.name, &bag.label.to_string(), &format!("{:.6}", p.probability), predicted])?;
+    }
+    write_csv(&dir.join(PREDICTIONS_FILE), w)?;
+
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["bag", "patch", "source", "attention", "rank", "instance"])?;
+    for (bag, p) in embeddings.bags.iter().zip(predictions) {
+        let mut order: Vec<usize> = (0..p.attention.len()).collect();
+        order.sort_by(|&a, &b| p.attention[b].total_cmp(&p.attention[a]));
+        let mut rank = vec![0; order.len()];
+        for (r, &i) in order.iter().enumerate() {
+            rank[i] = r + 1;
+        }
+        for (i, &a) in p.attention.iter().enumerate() {
+            let patch = bag.patches.start + i;
+            let instance = match embeddings.instances[patch] {
+                None => "",
+                Some(true) => "abnormal",
+                Some(false) => "normal",
+            };
+            w.write_record([
+                bag.name.as_str(),
+                &patch.to_string(),
+                &embeddings.sources[patch],
+                &format!("{a:.6e}"),
+                &rank[i].to_string(),
+                instance,
+            ])?;
+        }
+    }
+    write_csv(&dir.join(ATTENTION_FILE), w)?;
+
+    let metrics = serde_json::json!({
+        "metrics": evaluation.metrics,
+        "top_k": evaluation.k,
+        "retrieval_mean_hits": evaluation.mean_hits(),
+        "retrieval_mean_fraction": evaluation.mean_fraction(),
+        "retrieval": evaluation.retrieval,
+    });
+    write_atomic(&dir.join(METRICS_FILE), serde_json::to_string_pretty(&metrics)?.as_bytes())
+}
+
+fn write_csv(path: &Path, w: csv::Writer<Vec<u8>>) -> Result<()> {
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("cannot write CSV: {e}"))?;
+    write_atomic(path, &bytes)
+}
