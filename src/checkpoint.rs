@@ -186,7 +186,10 @@ impl TensorFile {
             view.dtype(),
             T::DTYPE
         );
-        Ok((bytemuck::pod_collect_to_vec(view.data()), view.shape().to_vec()))
+        Ok((
+            bytemuck::pod_collect_to_vec(view.data()),
+            view.shape().to_vec(),
+        ))
     }
 
     /// The f32 tensor `name`, which must have `shape`.

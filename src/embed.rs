@@ -78,7 +78,13 @@ pub fn embed<E: Engine>(
             })
             .collect();
         images.resize(n * 3 * crop * crop, 0.0);
-        render_batch(store.pixels(), store.patch_size(), &jobs, &augment, &mut images)?;
+        render_batch(
+            store.pixels(),
+            store.patch_size(),
+            &jobs,
+            &augment,
+            &mut images,
+        )?;
         let input = eng.upload(&nchw_to_cnhw(&images, n, 3, crop * crop))?;
         let acts = net.forward_eval(eng, &params, &running, &input, n, crop)?;
         let out = match kind {
@@ -87,7 +93,10 @@ pub fn embed<E: Engine>(
         };
         // Engines hold features as [dim, n]; the file holds one row per patch.
         let columns = eng.download(eng.all(out))?;
-        for (i, row) in features[start * dim..(start + n) * dim].chunks_exact_mut(dim).enumerate() {
+        for (i, row) in features[start * dim..(start + n) * dim]
+            .chunks_exact_mut(dim)
+            .enumerate()
+        {
             for (d, v) in row.iter_mut().enumerate() {
                 *v = columns[d * n + i];
             }
@@ -121,7 +130,11 @@ impl Embeddings {
             .chain(self.bags.iter().map(|b| b.patches.end as i64))
             .collect();
         w.tensor("bag_offsets", &[offsets.len()], &offsets);
-        let labels: Vec<i64> = self.bags.iter().map(|b| b.label.is_abnormal() as i64).collect();
+        let labels: Vec<i64> = self
+            .bags
+            .iter()
+            .map(|b| b.label.is_abnormal() as i64)
+            .collect();
         w.tensor("bag_labels", &[labels.len()], &labels);
         let instances: Vec<i64> = self
             .instances
@@ -139,20 +152,32 @@ impl Embeddings {
     /// Reads and checks a file written by [`Embeddings::save`].
     pub fn load(path: &Path) -> Result<Self> {
         let file = TensorFile::open(path)?;
-        let context = || format!("{} is not an embeddings file (write one with `slam embed`)", path.display());
+        let context = || {
+            format!(
+                "{} is not an embeddings file (write one with `slam embed`)",
+                path.display()
+            )
+        };
         let (features, shape) = file.tensor::<f32>("features").with_context(context)?;
-        ensure!(shape.len() == 2, "{}: features must be [patches, dim], got {shape:?}", path.display());
+        ensure!(
+            shape.len() == 2,
+            "{}: features must be [patches, dim], got {shape:?}",
+            path.display()
+        );
         let (len, dim) = (shape[0], shape[1]);
         let (offsets, _) = file.tensor::<i64>("bag_offsets").with_context(context)?;
         let bag_count = offsets.len().saturating_sub(1);
         let labels = file.tensor_shaped::<i64>("bag_labels", &[bag_count])?;
         let instances = file.tensor_shaped::<i64>("instance_labels", &[len])?;
-        let names: Vec<String> = serde_json::from_value(file.info("bag_names").with_context(context)?)
-            .with_context(context)?;
-        let sources: Vec<String> = serde_json::from_value(file.info("sources").with_context(context)?)
-            .with_context(context)?;
-        let kind: FeatureKind = serde_json::from_value(file.info("features").with_context(context)?)
-            .with_context(context)?;
+        let names: Vec<String> =
+            serde_json::from_value(file.info("bag_names").with_context(context)?)
+                .with_context(context)?;
+        let sources: Vec<String> =
+            serde_json::from_value(file.info("sources").with_context(context)?)
+                .with_context(context)?;
+        let kind: FeatureKind =
+            serde_json::from_value(file.info("features").with_context(context)?)
+                .with_context(context)?;
         ensure!(
             names.len() == bag_count && sources.len() == len,
             "{}: {} bag names and {} sources for {bag_count} bags and {len} patches",
@@ -209,7 +234,10 @@ impl Embeddings {
                     .iter()
                     .map(|&v| v as f64)
                     .collect(),
-                truth: self.instances[bag.patches.clone()].iter().copied().collect(),
+                truth: self.instances[bag.patches.clone()]
+                    .iter()
+                    .copied()
+                    .collect(),
             })
             .collect()
     }

@@ -2,32 +2,10 @@
 
 mod common;
 
-use common::rel_err;
+use common::{assert_fails_with, assert_succeeds, rel_err, slam};
 use std::path::Path;
-use std::process::{Command, Output};
 
 use slam_ags::checkpoint::TensorFile;
-
-fn slam(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_slam"))
-        .args(args)
-        .output()
-        .expect("slam runs")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_fails_with(out: &Output, needle: &str) {
-    assert!(!out.status.success(), "expected failure, got success");
-    let err = stderr(out);
-    assert!(
-        err.contains(needle),
-        "stderr {err:?} does not mention {needle:?}"
-    );
-    assert!(!err.contains("panicked"), "slam panicked: {err}");
-}
 
 #[test]
 fn init_writes_a_loadable_model_and_refuses_to_overwrite() {
@@ -47,7 +25,7 @@ fn init_writes_a_loadable_model_and_refuses_to_overwrite() {
         "--seed",
         "3",
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_succeeds(&out);
     let state = slam_ags::checkpoint::load(&path).unwrap();
     assert_eq!(state.config.blocks, [1, 2, 1, 1]);
     assert_eq!(
@@ -55,7 +33,7 @@ fn init_writes_a_loadable_model_and_refuses_to_overwrite() {
         slam_ags::model::ModelState::init(state.config, 3).unwrap()
     );
 
-    assert_fails_with(&slam(&["init", "--out", p]), "--force");
+    assert_fails_with(&slam(&["init", "--out", p]), &["--force"]);
     assert!(
         slam(&["init", "--out", p, "--width", "4", "--force"])
             .status
@@ -70,13 +48,13 @@ fn bad_network_shapes_are_refused() {
     let p = p.to_str().unwrap();
     assert_fails_with(
         &slam(&["init", "--out", p, "--arch", "resnet50"]),
-        "unknown architecture",
+        &["unknown architecture"],
     );
     assert_fails_with(
         &slam(&["init", "--out", p, "--blocks", "2,2,2"]),
-        "4 numbers",
+        &["4 numbers"],
     );
-    assert_fails_with(&slam(&["init", "--out", p, "--width", "0"]), "width");
+    assert_fails_with(&slam(&["init", "--out", p, "--width", "0"]), &["width"]);
     assert!(!Path::new(p).exists(), "a refused run left a file behind");
 }
 
@@ -104,7 +82,7 @@ fn dump_step_replays_a_pytorch_step() {
         "--out",
         dump.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_succeeds(&out);
     let (dump, golden) = (
         TensorFile::open(&dump).unwrap(),
         TensorFile::open(golden.as_ref()).unwrap(),
@@ -195,7 +173,7 @@ fn dump_step_refuses_bad_inputs_without_writing() {
     std::fs::write(&bad, b"definitely not safetensors").unwrap();
     assert_fails_with(
         &slam(&["dump-step", "--inputs", bad.to_str().unwrap(), "--out", o]),
-        "not a valid safetensors file",
+        &["not a valid safetensors file"],
     );
     // A checkpoint is not an input batch.
     let golden = format!(
@@ -204,11 +182,11 @@ fn dump_step_refuses_bad_inputs_without_writing() {
     );
     assert_fails_with(
         &slam(&["dump-step", "--checkpoint", &golden, "--out", o]),
-        "encoder.0.weight",
+        &["encoder.0.weight"],
     );
     assert_fails_with(
         &slam(&["dump-step", "--batch-pos", "1", "--width", "4", "--out", o]),
-        "at least 2 images",
+        &["at least 2 images"],
     );
     assert_fails_with(
         &slam(&[
@@ -220,7 +198,7 @@ fn dump_step_refuses_bad_inputs_without_writing() {
             "--out",
             o,
         ]),
-        "temperature",
+        &["temperature"],
     );
     assert_fails_with(
         &slam(&[
@@ -230,7 +208,7 @@ fn dump_step_refuses_bad_inputs_without_writing() {
             "--out",
             o,
         ]),
-        "/nonexistent/in.safetensors",
+        &["/nonexistent/in.safetensors"],
     );
     assert!(!out.exists(), "a refused run left a file behind");
 }
@@ -256,7 +234,7 @@ fn bench_step_runs_and_cuda_is_refused_clearly() {
         "0",
     ];
     let out = slam(&tiny);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_succeeds(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("images/s") && text.contains("AGS + SGD share"),
@@ -264,7 +242,7 @@ fn bench_step_runs_and_cuda_is_refused_clearly() {
     );
     assert_fails_with(
         &slam(&[&tiny[..], &["--device", "cuda"]].concat()),
-        "--device cpu",
+        &["--device cpu"],
     );
 }
 
@@ -292,7 +270,7 @@ fn inspect_describes_a_store_and_rejects_foreign_files() {
     let p = path.to_str().unwrap();
 
     let out = slam(&["inspect", p, "--bags", "--verify"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_succeeds(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("8 patches of 4x4 in 2 bags (1 abnormal, 1 normal)"),
@@ -316,6 +294,6 @@ fn inspect_describes_a_store_and_rejects_foreign_files() {
     std::fs::write(&path, b"not a store").unwrap();
     assert_fails_with(
         &slam(&["inspect", p]),
-        "s.patches is not a usable patch store",
+        &["s.patches is not a usable patch store"],
     );
 }

@@ -3,34 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+mod common;
 
+use common::random_store;
 use slam_ags::checkpoint;
-use slam_ags::data::{BagLabel, PatchSize, StoreWriter};
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::pretrain::{Objective, PretrainConfig, Quiet, Run};
-
-/// Four bags of 12 random 16x16 patches, two abnormal.
-fn random_store(dir: &Path) -> PathBuf {
-    let path = dir.join("train.patches");
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let mut w = StoreWriter::create(&path, PatchSize::square(16)).unwrap();
-    for (name, label) in [
-        ("abnormal_0", BagLabel::Abnormal),
-        ("normal_0", BagLabel::Normal),
-        ("abnormal_1", BagLabel::Abnormal),
-        ("normal_1", BagLabel::Normal),
-    ] {
-        w.begin_bag(name, label).unwrap();
-        for _ in 0..12 {
-            let pixels: Vec<u8> = (0..16 * 16 * 3).map(|_| rng.random()).collect();
-            w.push_patch(&pixels, None, "").unwrap();
-        }
-    }
-    w.finish().unwrap();
-    path
-}
 
 fn tiny_config(store: PathBuf) -> PretrainConfig {
     PretrainConfig {

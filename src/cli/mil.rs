@@ -100,8 +100,14 @@ fn prepare_out(dir: &Path, force: bool) -> Result<()> {
 
 fn train(args: &MilTrainArgs) -> Result<()> {
     ensure!(args.epochs >= 1, "--epochs must be at least 1");
-    ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr must be positive");
-    ensure!(args.hidden >= 1 && args.attention >= 1, "--hidden and --attention must be at least 1");
+    ensure!(
+        args.lr > 0.0 && args.lr.is_finite(),
+        "--lr must be positive"
+    );
+    ensure!(
+        args.hidden >= 1 && args.attention >= 1,
+        "--hidden and --attention must be at least 1"
+    );
     let embeddings = Embeddings::load(&args.train)?;
     let test = args.test.as_deref().map(Embeddings::load).transpose()?;
     if let Some(test) = &test {
@@ -171,11 +177,16 @@ pub fn evaluate_into(
     top_k: usize,
 ) -> Result<Evaluation> {
     let bags = embeddings.mil_bags();
-    let predictions: Vec<_> = bags.iter().map(|b| mil::predict(model, params, b)).collect();
+    let predictions: Vec<_> = bags
+        .iter()
+        .map(|b| mil::predict(model, params, b))
+        .collect();
     let evaluation = mil::evaluate(&bags, &predictions, top_k);
     report::write_evaluation(dir, embeddings, &predictions, &evaluation)?;
     let m = &evaluation.metrics;
-    let auc = m.auc.map_or_else(|| "n/a".to_owned(), |a| format!("{a:.3}"));
+    let auc = m
+        .auc
+        .map_or_else(|| "n/a".to_owned(), |a| format!("{a:.3}"));
     println!(
         "{} bags: F1 {:.3}, accuracy {:.3}, AUC {auc}, precision {:.3}, recall {:.3}",
         m.bags, m.f1, m.accuracy, m.precision, m.recall

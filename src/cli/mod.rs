@@ -7,10 +7,10 @@ mod bench;
 mod dump_step;
 mod embed;
 mod init;
-mod mil;
 mod inspect;
-mod pretrain;
+mod mil;
 mod pack;
+mod pretrain;
 
 use std::process::ExitCode;
 

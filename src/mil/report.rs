@@ -30,9 +30,16 @@ pub fn load_model(path: &Path) -> Result<(AbMil, Vec<f64>)> {
     let config: MilConfig = file
         .info("mil")
         .and_then(|v| serde_json::from_value(v).ok())
-        .with_context(|| format!("{} is not a MIL model (write one with `slam mil train`)", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{} is not a MIL model (write one with `slam mil train`)",
+                path.display()
+            )
+        })?;
     ensure!(
-        [config.input_dim, config.hidden, config.attention].iter().all(|&d| (1..=1 << 16).contains(&d)),
+        [config.input_dim, config.hidden, config.attention]
+            .iter()
+            .all(|&d| (1..=1 << 16).contains(&d)),
         "{}: implausible MIL sizes {config:?}",
         path.display()
     );
@@ -54,8 +61,17 @@ pub fn write_evaluation(
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(["bag", "label", "probability", "predicted"])?;
     for (bag, p) in embeddings.bags.iter().zip(predictions) {
-        let predicted = if p.probability >= 0.5 { "abnormal" } else { "normal" };
-        w.write_record([&bag.name, &bag.label.to_string(), &format!("{:.6}", p.probability), predicted])?;
+        let predicted = if p.probability >= 0.5 {
+            "abnormal"
+        } else {
+            "normal"
+        };
+        w.write_record([
+            &bag.name,
+            &bag.label.to_string(),
+            &format!("{:.6}", p.probability),
+            predicted,
+        ])?;
     }
     write_csv(&dir.join(PREDICTIONS_FILE), w)?;
 
@@ -94,10 +110,15 @@ pub fn write_evaluation(
         "retrieval_mean_fraction": evaluation.mean_fraction(),
         "retrieval": evaluation.retrieval,
     });
-    write_atomic(&dir.join(METRICS_FILE), serde_json::to_string_pretty(&metrics)?.as_bytes())
+    write_atomic(
+        &dir.join(METRICS_FILE),
+        serde_json::to_string_pretty(&metrics)?.as_bytes(),
+    )
 }
 
 fn write_csv(path: &Path, w: csv::Writer<Vec<u8>>) -> Result<()> {
-    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("cannot write CSV: {e}"))?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("cannot write CSV: {e}"))?;
     write_atomic(path, &bytes)
 }

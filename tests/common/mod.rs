@@ -81,3 +81,29 @@ pub fn save_image(path: &std::path::Path, image: impl Into<image::DynamicImage>)
 pub fn arg(path: &std::path::Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
 }
+
+/// A store of four bags (abnormal, normal, abnormal, normal) of 12 random 16x16 patches,
+/// with instance truth: the first patch of each abnormal bag is an abnormal cell.
+pub fn random_store(dir: &std::path::Path) -> std::path::PathBuf {
+    use rand::{Rng, SeedableRng};
+    use slam_ags::data::{BagLabel, PatchSize, StoreWriter};
+    let path = dir.join("train.patches");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut w = StoreWriter::create(&path, PatchSize::square(16)).unwrap();
+    for (name, label) in [
+        ("abnormal_0", BagLabel::Abnormal),
+        ("normal_0", BagLabel::Normal),
+        ("abnormal_1", BagLabel::Abnormal),
+        ("normal_1", BagLabel::Normal),
+    ] {
+        w.begin_bag(name, label).unwrap();
+        for i in 0..12 {
+            let pixels: Vec<u8> = (0..16 * 16 * 3).map(|_| rng.random()).collect();
+            let cell = label.is_abnormal() && i == 0;
+            w.push_patch(&pixels, Some(cell), &format!("{name}/{i}.png"))
+                .unwrap();
+        }
+    }
+    w.finish().unwrap();
+    path
+}
