@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod dump_step;
 mod init;
+mod synth;
 
 use std::process::ExitCode;
 
@@ -20,6 +21,7 @@ use clap::{Parser, Subcommand};
   slam bench step                                   time one training step (ResNet-18, crop 64)
   slam init --out model.safetensors                 a fresh ResNet-18 + projector
   slam dump-step --out step.safetensors             one step, every tensor, for cross-checks
+  slam synth --out data/synth --patch-size 64       a synthetic cytology dataset (bags of cells)
 
 Run `slam <command> --help` for each command's options."
 )]
@@ -37,6 +39,8 @@ enum Command {
     Init(init::InitArgs),
     /// Run one training step and write its inputs, losses, gradients and states.
     DumpStep(dump_step::DumpStepArgs),
+    /// Write a synthetic cytology dataset: bags of generated normal and abnormal cells.
+    Synth(synth::SynthArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -53,6 +57,7 @@ fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Init(args) => init::run(args),
         Command::DumpStep(args) => dump_step::run(args),
+        Command::Synth(args) => synth::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
