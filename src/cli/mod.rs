@@ -4,6 +4,7 @@
 mod args;
 mod bags;
 mod bench;
+mod demo;
 mod dump_step;
 mod embed;
 mod init;
@@ -11,6 +12,7 @@ mod inspect;
 mod mil;
 mod pack;
 mod pretrain;
+mod synth;
 
 use std::process::ExitCode;
 
@@ -23,14 +25,21 @@ use clap::{Parser, Subcommand};
     version,
     about = "SLAM-AGS pretraining: slide-label aware multi-task learning with adaptive gradient surgery",
     after_help = "Examples:
-  slam bench step                                   time one training step (ResNet-18, crop 64)
-  slam init --out model.safetensors                 a fresh ResNet-18 + projector
-  slam dump-step --out step.safetensors             one step, every tensor, for cross-checks
-  slam inspect data/train.patches --bags            what a patch store holds
-  slam pretrain data/train.patches --out runs/a     pretrain (checkpoints, metrics, resume)
+  slam demo                                         everything on synthetic data, in minutes
+  slam demo --compare                               ... with the paper's ablations side by side
+
+  slam synth --out data/synth --patch-size 64       a synthetic cytology dataset (bags of cells)
   slam pack slides/ --out slides.patches            image folders (one per bag) to a patch store
   slam bags cells/ --out bags/ --negative-class LYT --positive-class BLA --bags 60 \\
       --bag-size 1000 --witness-rate 0.01          bags at a witness rate from cell classes
+  slam inspect data/train.patches --bags            what a patch store holds
+  slam pretrain data/train.patches --out runs/a     pretrain (checkpoints, metrics, resume)
+  slam embed runs/a data/test.patches --out test.embed.safetensors
+  slam mil train train.embed.safetensors --test test.embed.safetensors --out mil/
+
+  slam init --out model.safetensors                 a fresh ResNet-18 + projector
+  slam dump-step --out step.safetensors             one step, every tensor, for cross-checks
+  slam bench step                                   time one training step (ResNet-18, crop 64)
 
 Run `slam <command> --help` for each command's options."
 )]
@@ -44,8 +53,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Write a freshly initialized model as a safetensors checkpoint with the reference names.
-    Init(init::InitArgs),
+    /// Synthesize bags, pretrain, embed, train MIL and print the results (no data needed).
+    Demo(demo::DemoArgs),
+    /// Write a synthetic cytology dataset: bags of generated normal and abnormal cells.
+    Synth(synth::SynthArgs),
+    /// Pack folders of PNG/JPEG images (one folder per bag) into a patch store.
+    Pack(pack::PackArgs),
+    /// Build bags at a chosen witness rate from folders of labelled cells: train and test stores.
+    Bags(bags::BagsArgs),
     /// Describe a patch store: counts, pools, witness rates, bags.
     Inspect(inspect::InspectArgs),
     /// Pretrain the encoder on a patch store (SLAM-AGS, or an ablation).
@@ -55,12 +70,10 @@ enum Command {
     /// Gated-attention multiple-instance learning on embedded bags.
     #[command(subcommand)]
     Mil(mil::MilCommand),
+    /// Write a freshly initialized model as a safetensors checkpoint with the reference names.
+    Init(init::InitArgs),
     /// Run one training step and write its inputs, losses, gradients and states.
     DumpStep(dump_step::DumpStepArgs),
-    /// Pack folders of PNG/JPEG images (one folder per bag) into a patch store.
-    Pack(pack::PackArgs),
-    /// Build bags at a chosen witness rate from folders of labelled cells: train and test stores.
-    Bags(bags::BagsArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -75,14 +88,16 @@ fn run(cli: &Cli) -> Result<()> {
             .context("cannot start the worker threads")?;
     }
     match &cli.command {
-        Command::Init(args) => init::run(args),
-        Command::DumpStep(args) => dump_step::run(args),
-        Command::Inspect(args) => inspect::run(args),
-        Command::Pretrain(args) => pretrain::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Synth(args) => synth::run(args),
         Command::Pack(args) => pack::run(args),
         Command::Bags(args) => bags::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Mil(cmd) => mil::run(cmd),
+        Command::Init(args) => init::run(args),
+        Command::DumpStep(args) => dump_step::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
