@@ -13,6 +13,7 @@
 //!   checkpoints and exact resume.
 //! - [`embed`]: a trained model over every patch of a store, and the embeddings file.
 //! - [`mil`]: downstream gated-attention multiple-instance learning and its metrics.
+//! - [`plots`]: PNG charts of runs and results.
 //! - [`checkpoint`]: safetensors checkpoints with the PyTorch reference model's names.
 //! - [`cli`]: the `slam` command line.
 
@@ -24,4 +25,5 @@ pub mod embed;
 pub mod engine;
 pub mod mil;
 pub mod model;
+pub mod plots;
 pub mod pretrain;

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_fails_with, assert_succeeds, rel_err, slam};
+use common::{arg, assert_fails_with, assert_succeeds, rel_err, slam};
 use std::path::Path;
 
 use slam_ags::checkpoint::TensorFile;
@@ -295,5 +295,132 @@ fn inspect_describes_a_store_and_rejects_foreign_files() {
     assert_fails_with(
         &slam(&["inspect", p]),
         &["s.patches is not a usable patch store"],
+    );
+}
+
+#[test]
+fn demo_runs_end_to_end_on_a_tiny_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let args = [
+        "demo",
+        "--out",
+        arg(&out),
+        "--compare",
+        "--bags",
+        "8",
+        "--bag-size",
+        "10",
+        "--witness-rate",
+        "0.2",
+        "--patch-size",
+        "24",
+        "--crop",
+        "16",
+        "--epochs",
+        "1",
+        "--batch",
+        "8",
+        "--width",
+        "4",
+        "--mil-epochs",
+        "3",
+    ];
+    let text = assert_succeeds(&slam(&args));
+    for variant in ["random-init", "simclr", "slam-no-surgery", "slam-ags"] {
+        assert!(text.contains(&format!("| {variant} |")), "{text}");
+        for file in [
+            "model.safetensors",
+            "test.embed.safetensors",
+            "mil/metrics.json",
+        ] {
+            assert!(
+                out.join(variant).join(file).exists(),
+                "{variant}/{file} missing"
+            );
+        }
+    }
+    assert!(out.join("slam-ags/run/plots/losses.png").exists());
+    for file in [
+        "results.md",
+        "auc.png",
+        "retrieval.png",
+        "data/contact_sheet.png",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let rows = results["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        for key in ["f1", "accuracy", "auc", "retrieval_fraction"] {
+            let v = row[key].as_f64().unwrap_or_else(|| panic!("{key}: {row}"));
+            assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+        }
+    }
+    assert_fails_with(&slam(&args), &["already holds demo results"]);
+}
+
+#[test]
+fn pretrain_command_refuses_bad_settings_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = common::random_store(dir.path());
+    let run = dir.path().join("run");
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, "batch = 8\nlearning_rate = 0.1\n").unwrap();
+    let base = ["pretrain", arg(&store), "--out", arg(&run)];
+    assert_fails_with(
+        &slam(&[&base[..], &["--config", arg(&config)]].concat()),
+        &["run.toml is not valid", "unknown field `learning_rate`"],
+    );
+    assert_fails_with(
+        &slam(&[&base[..], &["--device", "cuda"]].concat()),
+        &["CUDA engine"],
+    );
+    assert_fails_with(
+        &slam(&[&base[..], &["--batch", "8", "--crop", "40"]].concat()),
+        &["crop"],
+    );
+    assert!(!run.exists(), "a refused run left {}", run.display());
+
+    let ok = [
+        &base[..],
+        &[
+            "--arch",
+            "resnet10",
+            "--width",
+            "4",
+            "--out-dim",
+            "8",
+            "--batch",
+            "8",
+            "--crop",
+            "12",
+        ],
+        &["--epochs", "2", "--warmup-epochs", "1", "--max-steps", "2"],
+    ]
+    .concat();
+    let text = assert_succeeds(&slam(&ok));
+    assert!(text.contains("to step 2"), "{text}");
+    assert_fails_with(
+        &slam(&["pretrain", "--resume", arg(&run), "--lr", "0.5"]),
+        &["a resumed run keeps its settings", "not --lr"],
+    );
+    assert_fails_with(
+        &slam(&["pretrain", "--resume", arg(&run)]),
+        &["already complete (2 steps)"],
+    );
+    let text = assert_succeeds(&slam(&[
+        "pretrain",
+        "--resume",
+        arg(&run),
+        "--max-steps",
+        "3",
+    ]));
+    assert!(text.contains("to step 3"), "{text}");
+    assert_fails_with(
+        &slam(&["pretrain", "--resume", arg(&dir.path().join("none"))]),
+        &["is not a pretraining run folder"],
     );
 }

@@ -228,3 +228,22 @@ fn learns_a_toy_task_and_finds_the_witnesses() {
     let again = mil::train(&model, &toy_bags(40, 2), &config, |_| {});
     assert_eq!(params, again, "training is deterministic per seed");
 }
+
+#[test]
+fn standardizer_centers_and_scales_each_feature() {
+    let bag = |features: Vec<f64>| MilBag {
+        name: "b".into(),
+        label: false,
+        features,
+        truth: None,
+    };
+    // Two features over four instances: (1, 5), (3, 5), (5, 5), (7, 5).
+    let bags = [bag(vec![1.0, 5.0, 3.0, 5.0]), bag(vec![5.0, 5.0, 7.0, 5.0])];
+    let s = mil::Standardizer::fit(&bags, 2);
+    assert_eq!(s.mean, [4.0, 5.0]);
+    assert!((s.std[0] - 5f64.sqrt()).abs() < 1e-12);
+    assert_eq!(s.std[1], 1.0, "a constant feature keeps its scale");
+    let out = s.apply(&bags[1]);
+    assert!((out.features[0] - 1.0 / 5f64.sqrt()).abs() < 1e-12);
+    assert_eq!(out.features[1], 0.0);
+}

@@ -18,8 +18,9 @@ use crate::data::plan::BagPlanConfig;
 use crate::data::synth::{SynthConfig, write_dataset};
 use crate::embed::{self, Embeddings, FeatureKind};
 use crate::engine::cpu::CpuEngine;
-use crate::mil::{self, AbMil, Adam, MilConfig, MilTrainConfig, report};
+use crate::mil::{Adam, MilHead, MilTrainConfig, report};
 use crate::model::{ModelState, Surgery};
+use crate::plots;
 use crate::pretrain::{Objective, PretrainConfig, Run};
 
 #[derive(Args, Debug)]
@@ -30,7 +31,7 @@ use crate::pretrain::{Objective, PretrainConfig, Run};
 
 Everything is written under --out: data/ (the synthetic stores and a contact sheet of the
 cells), one folder per variant (the pretraining run, the embeddings, the MIL reports) and
-results.md / results.json with the table. Retrieval counts abnormal cells among the K most
+results.md / results.json with the table, auc.png and retrieval.png. Retrieval counts abnormal cells among the K most
 attended patches of each abnormal bag, with K the number of abnormal cells per bag.")]
 pub struct DemoArgs {
     /// Output folder.
@@ -49,17 +50,20 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 48)]
     pub crop: usize,
     /// Bags in all, half for training and half for testing, half of each abnormal.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 96)]
     pub bags: usize,
     /// Cells per bag.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     pub bag_size: usize,
     /// Abnormal cells per cell of an abnormal bag.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.1)]
     pub witness_rate: f64,
     /// Pretraining epochs.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 15)]
     pub epochs: u32,
+    /// Pretraining learning rate (peak, after one warm-up epoch).
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f32,
     /// Pretraining batch (patches per step).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -155,7 +159,13 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let mut rows = Vec::new();
     for variant in variants {
         eprintln!("== {}", variant.name);
-        rows.push(run_variant(args, variant, &data.paths.train, &data.paths.test, plan.witnesses_per_bag())?);
+        rows.push(run_variant(
+            args,
+            variant,
+            &data.paths.train,
+            &data.paths.test,
+            plan.witnesses_per_bag(),
+        )?);
     }
     let table = render_table(&rows, args, &plan);
     println!("\n{table}");
@@ -165,8 +175,28 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         data.paths.contact_sheet.display()
     );
     write_atomic(&out.join("results.md"), table.as_bytes())?;
+    let bars = |get: &dyn Fn(&Row) -> Option<f64>| -> Vec<(String, f64)> {
+        rows.iter()
+            .map(|r| (r.variant.to_owned(), get(r).unwrap_or(0.0)))
+            .collect()
+    };
+    plots::bar_chart(
+        &out.join("auc.png"),
+        "Bag classification: AUC on the test bags",
+        "AUC",
+        &bars(&|r| r.auc),
+    )?;
+    plots::bar_chart(
+        &out.join("retrieval.png"),
+        "Abnormal cells among the top-K attention scores (K = abnormal cells per bag)",
+        "share found",
+        &bars(&|r| r.retrieval_fraction),
+    )?;
     let json = serde_json::json!({ "seed": args.seed, "plan": plan, "rows": rows });
-    write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())
+    write_atomic(
+        &out.join("results.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )
 }
 
 fn run_variant(
@@ -189,7 +219,7 @@ fn run_variant(
         batch: args.batch,
         epochs: args.epochs,
         warmup_epochs: 1.min(args.epochs),
-        lr: 0.05,
+        lr: args.lr,
         crop: args.crop,
         seed: args.seed,
         checkpoint_every: u64::MAX,
@@ -215,31 +245,31 @@ fn run_variant(
 
     let embed_store = |store: &Path, name: &str| -> Result<Embeddings> {
         let store = PatchStore::open(store)?;
-        let e = embed::embed(&CpuEngine, &state, &store, FeatureKind::Projector, args.crop, 128, |_, _| {})?;
+        let e = embed::embed(
+            &CpuEngine,
+            &state,
+            &store,
+            FeatureKind::Projector,
+            args.crop,
+            128,
+            |_, _| {},
+        )?;
         e.save(&dir.join(name))?;
         Ok(e)
     };
     let train = embed_store(train_store, "train.embed.safetensors")?;
     let test = embed_store(test_store, "test.embed.safetensors")?;
 
-    let model = AbMil::new(MilConfig {
-        input_dim: train.dim,
-        hidden: 64,
-        attention: 32,
-    });
     let mil_config = MilTrainConfig {
         epochs: args.mil_epochs,
-        adam: Adam {
-            lr: 1e-3,
-            ..Adam::default()
-        },
+        adam: Adam::default(),
         seed: args.seed,
     };
-    let params = mil::train(&model, &train.mil_bags(), &mil_config, |_| {});
+    let head = MilHead::train(&train.mil_bags(), train.dim, (64, 32), &mil_config, |_| {});
     let mil_dir = dir.join("mil");
     std::fs::create_dir_all(&mil_dir)?;
-    report::save_model(&mil_dir.join(report::MODEL_FILE), &model, &params)?;
-    let evaluation = super::mil::evaluate_into(&mil_dir, &model, &params, &test, top_k)?;
+    report::save_model(&mil_dir.join(report::MODEL_FILE), &head)?;
+    let evaluation = super::mil::evaluate_into(&mil_dir, &head, &test, top_k)?;
     let m = evaluation.metrics;
     Ok(Row {
         variant: variant.name,

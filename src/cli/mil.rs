@@ -6,7 +6,7 @@ use anyhow::{Context, Result, ensure};
 use clap::{Args, Subcommand};
 
 use crate::embed::Embeddings;
-use crate::mil::{self, AbMil, Adam, Evaluation, MilConfig, MilTrainConfig, report};
+use crate::mil::{self, Adam, Evaluation, MilHead, MilTrainConfig, report};
 
 #[derive(Subcommand, Debug)]
 pub enum MilCommand {
@@ -119,11 +119,6 @@ fn train(args: &MilTrainArgs) -> Result<()> {
         );
     }
     prepare_out(&args.out, args.eval.force)?;
-    let model = AbMil::new(MilConfig {
-        input_dim: embeddings.dim,
-        hidden: args.hidden,
-        attention: args.attention,
-    });
     let config = MilTrainConfig {
         epochs: args.epochs,
         adam: Adam {
@@ -134,7 +129,8 @@ fn train(args: &MilTrainArgs) -> Result<()> {
         seed: args.seed,
     };
     let bags = embeddings.mil_bags();
-    let params = mil::train(&model, &bags, &config, |log| {
+    let sizes = (args.hidden, args.attention);
+    let head = MilHead::train(&bags, embeddings.dim, sizes, &config, |log| {
         if log.epoch % 10 == 9 || log.epoch + 1 == config.epochs {
             eprintln!(
                 "epoch {:>4}: loss {:.4}, training accuracy {:.3}",
@@ -145,42 +141,38 @@ fn train(args: &MilTrainArgs) -> Result<()> {
         }
     });
     let path = args.out.join(report::MODEL_FILE);
-    report::save_model(&path, &model, &params)?;
+    report::save_model(&path, &head)?;
     println!("trained on {} bags: {}", bags.len(), path.display());
     if let Some(test) = &test {
-        evaluate_into(&args.out, &model, &params, test, args.eval.top_k)?;
+        evaluate_into(&args.out, &head, test, args.eval.top_k)?;
     }
     Ok(())
 }
 
 fn eval(args: &MilEvalArgs) -> Result<()> {
-    let (model, params) = report::load_model(&args.model)?;
+    let head = report::load_model(&args.model)?;
     let embeddings = Embeddings::load(&args.bags)?;
     ensure!(
-        embeddings.dim == model.config.input_dim,
+        embeddings.dim == head.model.config.input_dim,
         "{} has {}-dimensional features; the MIL head takes {}",
         args.bags.display(),
         embeddings.dim,
-        model.config.input_dim
+        head.model.config.input_dim
     );
     prepare_out(&args.out, args.eval.force)?;
-    evaluate_into(&args.out, &model, &params, &embeddings, args.eval.top_k)?;
+    evaluate_into(&args.out, &head, &embeddings, args.eval.top_k)?;
     Ok(())
 }
 
 /// Predicts every bag, writes the reports into `dir` and prints the metrics.
 pub fn evaluate_into(
     dir: &Path,
-    model: &AbMil,
-    params: &[f64],
+    head: &MilHead,
     embeddings: &Embeddings,
     top_k: usize,
 ) -> Result<Evaluation> {
     let bags = embeddings.mil_bags();
-    let predictions: Vec<_> = bags
-        .iter()
-        .map(|b| mil::predict(model, params, b))
-        .collect();
+    let predictions: Vec<_> = bags.iter().map(|b| head.predict(b)).collect();
     let evaluation = mil::evaluate(&bags, &predictions, top_k);
     report::write_evaluation(dir, embeddings, &predictions, &evaluation)?;
     let m = &evaluation.metrics;

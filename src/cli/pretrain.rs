@@ -230,7 +230,8 @@ impl Observer for Progress {
     }
 
     fn epoch(&mut self, log: &EpochLog) {
-        self.bar.println(format!(
+        // println is dropped when the bar is hidden (stderr not a terminal); suspend is not.
+        self.bar.suspend(|| eprintln!(
             "epoch {:>4}: contrastive {:.4}, cohesion {:.4}, mean cosine {:+.3}, surgery on {:.0}% of steps, {:.1} img/s",
             log.epoch,
             log.loss_contrastive,
@@ -243,10 +244,10 @@ impl Observer for Progress {
 
     fn checkpoint(&mut self, step: u64, path: &Path) {
         self.bar
-            .println(format!("step {step}: checkpoint {}", path.display()));
+            .suspend(|| eprintln!("step {step}: checkpoint {}", path.display()));
     }
 
     fn warn(&mut self, message: &str) {
-        self.bar.println(format!("warning: {message}"));
+        self.bar.suspend(|| eprintln!("warning: {message}"));
     }
 }

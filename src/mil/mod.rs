@@ -81,6 +81,91 @@ pub fn train(
     params
 }
 
+/// Per-dimension standardization of the instance features, fitted on the training
+/// instances: embeddings from different pretraining runs differ in offset and scale by
+/// orders of magnitude, which the head's fixed initialization and learning rate do not.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Standardizer {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+impl Standardizer {
+    /// Mean and standard deviation of every feature over all instances of `bags`
+    /// (a constant feature gets std 1).
+    pub fn fit(bags: &[MilBag], dim: usize) -> Self {
+        let rows = || bags.iter().flat_map(|b| b.features.chunks_exact(dim));
+        let n = rows().count().max(1) as f64;
+        let mut mean = vec![0.0; dim];
+        for row in rows() {
+            mean.iter_mut().zip(row).for_each(|(m, v)| *m += v / n);
+        }
+        let mut var = vec![0.0; dim];
+        for row in rows() {
+            for ((s, v), m) in var.iter_mut().zip(row).zip(&mean) {
+                *s += (v - m) * (v - m) / n;
+            }
+        }
+        let std = var
+            .into_iter()
+            .map(|v: f64| if v.sqrt() > 1e-12 { v.sqrt() } else { 1.0 })
+            .collect();
+        Self { mean, std }
+    }
+
+    pub fn apply(&self, bag: &MilBag) -> MilBag {
+        let dim = self.mean.len();
+        let mut features = bag.features.clone();
+        for row in features.chunks_exact_mut(dim) {
+            for ((v, m), s) in row.iter_mut().zip(&self.mean).zip(&self.std) {
+                *v = (*v - m) / s;
+            }
+        }
+        MilBag {
+            features,
+            ..bag.clone()
+        }
+    }
+}
+
+/// A trained head: the standardization of its inputs, the network and its parameters.
+#[derive(Clone, Debug)]
+pub struct MilHead {
+    pub standardizer: Standardizer,
+    pub model: AbMil,
+    pub params: Vec<f64>,
+}
+
+impl MilHead {
+    /// Fits the standardization on `bags` and trains a head of `hidden` and `attention`
+    /// units on them.
+    pub fn train(
+        bags: &[MilBag],
+        dim: usize,
+        (hidden, attention): (usize, usize),
+        config: &MilTrainConfig,
+        on_epoch: impl FnMut(&EpochLog),
+    ) -> Self {
+        let standardizer = Standardizer::fit(bags, dim);
+        let standardized: Vec<MilBag> = bags.iter().map(|b| standardizer.apply(b)).collect();
+        let model = AbMil::new(MilConfig {
+            input_dim: dim,
+            hidden,
+            attention,
+        });
+        let params = train(&model, &standardized, config, on_epoch);
+        Self {
+            standardizer,
+            model,
+            params,
+        }
+    }
+
+    pub fn predict(&self, bag: &MilBag) -> BagPrediction {
+        predict(&self.model, &self.params, &self.standardizer.apply(bag))
+    }
+}
+
 /// A bag's prediction and where its attention went.
 #[derive(Clone, Debug)]
 pub struct BagPrediction {

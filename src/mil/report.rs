@@ -5,27 +5,34 @@ use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 
-use super::{AbMil, BagPrediction, Evaluation, MilConfig};
+use super::{AbMil, BagPrediction, Evaluation, MilConfig, MilHead, Standardizer};
 use crate::atomic::write_atomic;
 use crate::checkpoint::{TensorFile, TensorWriter};
 use crate::embed::Embeddings;
+use crate::plots;
 
 pub const MODEL_FILE: &str = "mil.safetensors";
 pub const PREDICTIONS_FILE: &str = "predictions.csv";
 pub const ATTENTION_FILE: &str = "attention.csv";
 pub const METRICS_FILE: &str = "metrics.json";
+pub const RETRIEVAL_PLOT: &str = "retrieval.png";
 
-/// Writes the head's parameters under the names of [`super::model::MilLayout::tensors`].
-pub fn save_model(path: &Path, model: &AbMil, params: &[f64]) -> Result<()> {
+/// Writes the head: its parameters under the names of [`super::model::MilLayout::tensors`]
+/// and its input standardization as `input.mean` and `input.std`.
+pub fn save_model(path: &Path, head: &MilHead) -> Result<()> {
     let mut w = TensorWriter::new();
+    let model = &head.model;
     for (name, range, _, shape) in model.layout.tensors(model.config) {
-        w.tensor(name, &shape, &params[range]);
+        w.tensor(name, &shape, &head.params[range]);
     }
+    let dim = model.config.input_dim;
+    w.tensor("input.mean", &[dim], &head.standardizer.mean);
+    w.tensor("input.std", &[dim], &head.standardizer.std);
     w.info("mil", model.config)?;
     w.write(path)
 }
 
-pub fn load_model(path: &Path) -> Result<(AbMil, Vec<f64>)> {
+pub fn load_model(path: &Path) -> Result<MilHead> {
     let file = TensorFile::open(path)?;
     let config: MilConfig = file
         .info("mil")
@@ -48,7 +55,16 @@ pub fn load_model(path: &Path) -> Result<(AbMil, Vec<f64>)> {
     for (name, range, _, shape) in model.layout.tensors(config) {
         params[range].copy_from_slice(&file.tensor_shaped::<f64>(name, &shape)?);
     }
-    Ok((model, params))
+    let dim = [config.input_dim];
+    let standardizer = Standardizer {
+        mean: file.tensor_shaped("input.mean", &dim)?,
+        std: file.tensor_shaped("input.std", &dim)?,
+    };
+    Ok(MilHead {
+        standardizer,
+        model,
+        params,
+    })
 }
 
 /// Writes predictions, attention and metrics of `embeddings` into `dir`.
@@ -110,10 +126,26 @@ pub fn write_evaluation(
         "retrieval_mean_fraction": evaluation.mean_fraction(),
         "retrieval": evaluation.retrieval,
     });
-    write_atomic(
-        &dir.join(METRICS_FILE),
-        serde_json::to_string_pretty(&metrics)?.as_bytes(),
-    )
+    let json = serde_json::to_string_pretty(&metrics)?;
+    write_atomic(&dir.join(METRICS_FILE), json.as_bytes())?;
+    if !evaluation.retrieval.is_empty() {
+        let bars: Vec<(String, f64)> = evaluation
+            .retrieval
+            .iter()
+            .map(|(name, r)| (name.clone(), r.fraction()))
+            .collect();
+        let title = format!(
+            "Abnormal cells among the top {} attention scores, per abnormal bag",
+            evaluation.k
+        );
+        plots::bar_chart(
+            &dir.join(RETRIEVAL_PLOT),
+            &title,
+            "share of the bag's abnormal cells",
+            &bars,
+        )?;
+    }
+    Ok(())
 }
 
 fn write_csv(path: &Path, w: csv::Writer<Vec<u8>>) -> Result<()> {

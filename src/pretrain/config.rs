@@ -151,7 +151,7 @@ impl PretrainConfig {
         ensure!(self.epochs >= 1, "epochs must be at least 1");
         ensure!(
             self.warmup_epochs <= self.epochs,
-            "warmup_epochs ({}) exceeds epochs ({})",
+            "warmup_epochs ({}) exceeds epochs ({}): lower it (--warmup-epochs)",
             self.warmup_epochs,
             self.epochs
         );

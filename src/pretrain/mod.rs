@@ -7,7 +7,8 @@
 //! - `checkpoints/step-NNNNNNNN/`: `model.safetensors` (the reference `state_dict`, loadable
 //!   with `load_state_dict(strict=True)`) and `state.safetensors` (momentum, step, sampler
 //!   position); each folder appears whole or not at all, the last two are kept;
-//! - `model.safetensors`: the final model.
+//! - `model.safetensors`: the final model;
+//! - `plots/losses.png`, `plots/conflict.png`: the losses and the gradient cosine per step.
 
 pub mod config;
 
@@ -27,12 +28,14 @@ use crate::data::sampler::{BalancedSampler, SamplerPosition};
 use crate::data::{BagLabel, PatchStore};
 use crate::engine::Engine;
 use crate::model::{ModelState, Network, StepReport, Trainer};
+use crate::plots;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const EPOCHS_FILE: &str = "epochs.jsonl";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const MODEL_FILE: &str = "model.safetensors";
+pub const PLOTS_DIR: &str = "plots";
 const STATE_FILE: &str = "state.safetensors";
 const KEEP_CHECKPOINTS: usize = 2;
 /// Embeddings whose spread `embedding_std * sqrt(dim)` falls below this have collapsed
@@ -239,6 +242,7 @@ impl Run {
         let mut metrics = open_log(&self.dir.join(METRICS_FILE))?;
         let mut epochs = open_log(&self.dir.join(EPOCHS_FILE))?;
         let mut epoch_log = EpochLog::default();
+        let mut warned_epoch = None;
         observer.started(self.step, end, per_epoch);
         while self.step < end {
             let start = Instant::now();
@@ -252,9 +256,13 @@ impl Run {
             let lr = schedule.lr(epoch as u32);
             let report = trainer.step(eng, &batch, &step_config, lr, None)?;
             check_finite(&report, self.step, &self.dir)?;
-            if report.embedding_std * (out_dim as f32).sqrt() < COLLAPSE_SPREAD {
+            let collapsed = report.embedding_std * (out_dim as f32).sqrt() < COLLAPSE_SPREAD;
+            if collapsed && warned_epoch != Some(epoch) {
+                // Once per epoch: a collapsed run stays collapsed for many steps.
+                warned_epoch = Some(epoch);
                 observer.warn(&format!(
-                    "step {}: the embeddings are collapsing (per-dimension std {:.2e} across the batch)",
+                    "step {}: the embeddings are collapsing (per-dimension std {:.2e} across the batch; \
+                     try a lower --lr)",
                     self.step, report.embedding_std
                 ));
             }
@@ -284,6 +292,11 @@ impl Run {
         }
         let state = trainer.state(eng)?;
         checkpoint::save(&self.dir.join(MODEL_FILE), &state)?;
+        if let Err(e) = write_plots(&self.dir) {
+            observer.warn(&format!(
+                "the run finished but its plots were not drawn: {e:#}"
+            ));
+        }
         Ok(state)
     }
 
@@ -339,6 +352,44 @@ impl EpochLog {
             images_per_s: done.images_per_s / n,
         }
     }
+}
+
+/// Draws `plots/losses.png` (both losses per step) and `plots/conflict.png` (the cosine of
+/// the two task gradients per step) from the run's `metrics.jsonl`.
+pub fn write_plots(dir: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(dir.join(METRICS_FILE))?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let series = |name, get: &dyn Fn(&serde_json::Value) -> Option<f64>| plots::Series {
+        name,
+        points: lines
+            .iter()
+            .filter_map(|l| Some((l["step"].as_f64()?, get(l)?)))
+            .collect(),
+    };
+    let plots_dir = dir.join(PLOTS_DIR);
+    std::fs::create_dir_all(&plots_dir)?;
+    let contrastive = series("contrastive (NT-Xent, positives)", &|l| {
+        l["loss_contrastive"].as_f64()
+    });
+    let cohesion = series("cohesion (negatives)", &|l| l["loss_cohesion"].as_f64());
+    plots::line_chart(
+        &plots_dir.join("losses.png"),
+        "Task losses",
+        "step",
+        "loss",
+        &[contrastive, cohesion],
+    )?;
+    let cosine = series("cos(g1, g2)", &|l| l["combination"]["cosine"].as_f64());
+    plots::line_chart(
+        &plots_dir.join("conflict.png"),
+        "Gradient conflict: cosine of the two task gradients (surgery fires below 0)",
+        "step",
+        "cosine",
+        &[cosine],
+    )
 }
 
 fn check_finite(report: &StepReport, step: u64, dir: &Path) -> Result<()> {
