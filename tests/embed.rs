@@ -219,4 +219,37 @@ fn embed_then_mil_from_the_command_line() {
         ]),
         &["is not a MIL model"],
     );
+    // Encoder features (32-dimensional) into a head trained on projector features (8).
+    let enc = dir.path().join("enc.safetensors");
+    let args = [
+        "embed",
+        arg(&model),
+        arg(&store),
+        "--out",
+        arg(&enc),
+        "--crop",
+        "12",
+    ];
+    assert_succeeds(&slam(&[&args[..], &["--features", "encoder"]].concat()));
+    let (y, z) = (dir.path().join("y"), dir.path().join("z"));
+    assert_fails_with(
+        &slam(&["mil", "eval", arg(&model_file), arg(&enc), "--out", arg(&z)]),
+        &["has 32-dimensional features; the MIL head takes 8"],
+    );
+    assert_fails_with(
+        &slam(&[
+            "mil",
+            "train",
+            arg(&emb),
+            "--test",
+            arg(&enc),
+            "--out",
+            arg(&z),
+        ]),
+        &["the test bags have 32-dimensional features, the training bags 8"],
+    );
+    assert!(
+        !y.exists() && !z.exists(),
+        "a refused command left its output folder"
+    );
 }
