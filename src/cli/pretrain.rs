@@ -1,8 +1,10 @@
 //! `slam pretrain`: a pretraining run from a patch store, with metrics, checkpoints and resume.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -137,6 +139,9 @@ impl PretrainArgs {
 
 pub fn run(args: &PretrainArgs) -> Result<()> {
     args.device.require_available()?;
+    // First, so that a signal during the set-up also ends in a clean stop.
+    let mut progress = Progress::new();
+    progress.stop_on_signals()?;
     let mut run = match (&args.resume, &args.out) {
         (Some(dir), _) => {
             let mut changed = args.apply(None);
@@ -157,15 +162,22 @@ pub fn run(args: &PretrainArgs) -> Result<()> {
         (None, Some(out)) => Run::create(out, args.config()?)?,
         (None, None) => unreachable!("clap requires --out or --resume"),
     };
+    // A run killed between its last checkpoint and the final model still gets the model.
     ensure!(
-        run.step() < run.end_step(),
+        run.step() < run.end_step() || !run.dir.join(pretrain::MODEL_FILE).exists(),
         "the run in {} is already complete ({} steps); pass a larger --max-steps to go on",
         run.dir.display(),
         run.step()
     );
-    let mut progress = Progress::new();
     let state = run.train(&CpuEngine, &mut progress)?;
     progress.bar.finish_and_clear();
+    ensure!(
+        run.step() == run.end_step(),
+        "stopped on request at step {} of {}, after writing a checkpoint; continue with          `slam pretrain --resume {}`",
+        run.step(),
+        run.end_step(),
+        run.dir.display()
+    );
     let model = run.dir.join(pretrain::MODEL_FILE);
     println!(
         "trained {} ({}) to step {} in {:.1} s; model: {}",
@@ -179,11 +191,23 @@ pub fn run(args: &PretrainArgs) -> Result<()> {
 }
 
 /// The progress bar: losses, gradient cosine and speed; a line per epoch and checkpoint.
+/// With [`Progress::stop_on_signals`], SIGINT and SIGTERM ask the run to stop cleanly.
 pub struct Progress {
     pub bar: ProgressBar,
+    stop: Arc<AtomicBool>,
 }
 
 impl Progress {
+    /// Makes SIGINT (Ctrl-C) and SIGTERM request a clean stop (checkpoint, then exit)
+    /// instead of killing the process.
+    pub fn stop_on_signals(&mut self) -> Result<()> {
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, Arc::clone(&self.stop))
+                .context("cannot install the signal handlers")?;
+        }
+        Ok(())
+    }
+
     pub fn new() -> Self {
         let style = ProgressStyle::with_template(
             "{prefix} [{bar:25}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}",
@@ -192,6 +216,7 @@ impl Progress {
         .progress_chars("=> ");
         Self {
             bar: ProgressBar::new(0).with_style(style),
+            stop: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -249,5 +274,9 @@ impl Observer for Progress {
 
     fn warn(&mut self, message: &str) {
         self.bar.suspend(|| eprintln!("warning: {message}"));
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
 }

@@ -74,6 +74,10 @@ pub trait Observer {
     fn epoch(&mut self, _log: &EpochLog) {}
     fn checkpoint(&mut self, _step: u64, _path: &Path) {}
     fn warn(&mut self, _message: &str) {}
+    /// Polled after every step: when true the run writes a checkpoint and returns early.
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 /// An observer that reports nothing.
@@ -101,23 +105,28 @@ pub struct Run {
 }
 
 impl Run {
-    /// Starts a new run in `dir` (created; must be empty or absent).
+    /// Starts a new run in `dir` (created; must be empty or absent, apart from the staging
+    /// files an interrupted start may have left).
     pub fn create(dir: &Path, config: PretrainConfig) -> Result<Self> {
         config.validate()?;
         if dir.exists() {
-            let mut entries =
+            let entries =
                 std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-            ensure!(
-                entries.next().is_none(),
-                "{} is not empty: continue the run there with --resume, or choose another folder",
-                dir.display()
-            );
+            for entry in entries {
+                let name = entry?.file_name();
+                let name = name.to_string_lossy();
+                ensure!(
+                    name.starts_with('.') && name.ends_with(".tmp"),
+                    "{} is not empty: continue the run there with --resume, or choose another folder",
+                    dir.display()
+                );
+            }
         }
         let state = ModelState::init(config.net()?, config.seed)?;
         // Everything is checked before the folder is made: a refused run leaves nothing.
         let run = Self::assemble(dir, config, state, None, 0, SamplerPosition::default())?;
-        std::fs::create_dir_all(dir.join(CHECKPOINTS_DIR))
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // The settings are the run's first file: once they exist, --resume can continue it.
         write_atomic(&dir.join(CONFIG_FILE), run.config.to_toml()?.as_bytes())?;
         Ok(run)
     }
@@ -131,11 +140,14 @@ impl Run {
             config.max_steps = max_steps;
         }
         config.validate()?;
+        remove_staging_leftovers(&dir.join(CHECKPOINTS_DIR))?;
         let Some(checkpoint) = latest_checkpoint(dir)? else {
-            bail!(
-                "{} has no complete checkpoint to resume from: start the run again",
-                dir.display()
-            );
+            // Stopped before its first checkpoint: the seeded start is the same as before.
+            let state = ModelState::init(config.net()?, config.seed)?;
+            let run = Self::assemble(dir, config, state, None, 0, SamplerPosition::default())?;
+            truncate_log(&dir.join(METRICS_FILE), |_| false)?;
+            truncate_log(&dir.join(EPOCHS_FILE), |_| false)?;
+            return Ok(run);
         };
         let state = checkpoint::load(&checkpoint.join(MODEL_FILE))?;
         ensure!(
@@ -223,8 +235,10 @@ impl Run {
         self.sampler.batches_per_epoch()
     }
 
-    /// Trains on `eng` until the end step, writing metrics and checkpoints. On a non-finite
-    /// loss or gradient it stops with an error and keeps the last good checkpoint.
+    /// Trains on `eng` until the end step, writing metrics and checkpoints, and then the
+    /// final model. When the observer asks to stop, it writes a checkpoint and returns early
+    /// (then `step() < end_step()`). On a non-finite loss or gradient it stops with an error
+    /// and keeps the last good checkpoint.
     pub fn train<E: Engine>(&mut self, eng: &E, observer: &mut dyn Observer) -> Result<ModelState> {
         let mut trainer = Trainer::new(eng, &self.state)?;
         if let Some(momentum) = &self.momentum {
@@ -281,13 +295,17 @@ impl Run {
                 writeln!(epochs, "{}", serde_json::to_string(&summary)?)?;
                 observer.epoch(&summary);
             }
-            if self.step % self.config.checkpoint_every == 0 || self.step == end {
+            let stop = observer.stop_requested();
+            if self.step % self.config.checkpoint_every == 0 || self.step == end || stop {
                 metrics.flush()?;
                 epochs.flush()?;
                 let state = trainer.state(eng)?;
                 let momentum = eng.download(eng.all(&trainer.momentum))?;
                 let path = self.save_checkpoint(&state, &momentum)?;
                 observer.checkpoint(self.step, &path);
+            }
+            if stop && self.step < end {
+                return trainer.state(eng);
             }
         }
         let state = trainer.state(eng)?;
@@ -302,6 +320,8 @@ impl Run {
 
     fn save_checkpoint(&self, state: &ModelState, momentum: &[f32]) -> Result<PathBuf> {
         let dir = self.dir.join(CHECKPOINTS_DIR);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("step-{:08}", self.step));
         let staging = AtomicDir::create(&path)?;
         checkpoint::save(&staging.path().join(MODEL_FILE), state)?;
@@ -319,8 +339,12 @@ impl Run {
         staging.commit()?;
         let mut all = checkpoint_dirs(&self.dir)?;
         all.sort();
-        for (_, old) in all.iter().rev().skip(KEEP_CHECKPOINTS) {
-            std::fs::remove_dir_all(old)
+        for (step, old) in all.iter().rev().skip(KEEP_CHECKPOINTS) {
+            // Renamed out of sight first: a deletion cut short must not leave a checkpoint
+            // folder missing files under a name that says it is complete.
+            let doomed = dir.join(format!(".step-{step:08}.old.tmp"));
+            std::fs::rename(old, &doomed)
+                .and_then(|()| std::fs::remove_dir_all(&doomed))
                 .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
         }
         Ok(path)
@@ -437,6 +461,23 @@ fn checkpoint_dirs(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         }
     }
     Ok(found)
+}
+
+/// Removes the hidden `.*.tmp` folders an interrupted checkpoint write or removal left.
+fn remove_staging_leftovers(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".tmp") && entry.path().is_dir() {
+            std::fs::remove_dir_all(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
