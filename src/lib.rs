@@ -13,6 +13,7 @@
 //!   checkpoints and exact resume.
 //! - [`embed`]: a trained model over every patch of a store, and the embeddings file.
 //! - [`mil`]: downstream gated-attention multiple-instance learning and its metrics.
+//! - [`memory`]: the memory a command may plan for, checked before work starts.
 //! - [`plots`]: PNG charts of runs and results.
 //! - [`checkpoint`]: safetensors checkpoints with the PyTorch reference model's names.
 //! - [`cli`]: the `slam` command line.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod data;
 pub mod embed;
 pub mod engine;
+pub mod memory;
 pub mod mil;
 pub mod model;
 pub mod plots;

@@ -424,3 +424,33 @@ fn pretrain_command_refuses_bad_settings_clearly() {
         &["is not a pretraining run folder"],
     );
 }
+
+#[test]
+fn pretrain_refuses_a_step_that_does_not_fit_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = common::random_store(dir.path());
+    let run = dir.path().join("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slam"))
+        .args([
+            "pretrain",
+            arg(&store),
+            "--out",
+            arg(&run),
+            "--batch",
+            "8",
+            "--crop",
+            "12",
+        ])
+        .env("SLAM_MEMORY_LIMIT", "1M")
+        .output()
+        .unwrap();
+    assert_fails_with(
+        &out,
+        &[
+            "a training step of 8 patches (4 + 4) at crop 12",
+            "GiB of memory and 0.0 GiB is available",
+            "lower --batch or --crop",
+        ],
+    );
+    assert!(!run.exists());
+}

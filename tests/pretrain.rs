@@ -194,3 +194,29 @@ fn runs_refuse_bad_folders_and_settings() {
     assert!(e.contains("crop"), "{e}");
     assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
 }
+
+#[test]
+fn runs_are_bit_identical_across_thread_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = random_store(dir.path());
+    let train = |threads: usize| {
+        let out = dir.path().join(format!("run{threads}"));
+        // Wide enough that the convolutions' products are split between threads.
+        let config = PretrainConfig {
+            width: Some(16),
+            out_dim: Some(32),
+            batch: 16,
+            max_steps: Some(3),
+            ..tiny_config(store.clone())
+        };
+        common::in_pool(threads, || {
+            Run::create(&out, config)
+                .unwrap()
+                .train(&CpuEngine, &mut Quiet)
+                .unwrap()
+        })
+    };
+    let one = train(1);
+    assert!(train(2) == one, "2 threads differ from 1");
+    assert!(train(3) == one, "3 threads differ from 1");
+}

@@ -253,28 +253,59 @@ impl Network {
         [&self.proj_hidden, &self.proj_out]
     }
 
+    /// Every convolution of one forward pass at `crop x crop`, in order, with the side of
+    /// its output (the max pool after the stem included in the following sides).
+    fn conv_outputs(&self, crop: usize) -> Vec<(&ConvParams, usize)> {
+        let out = |size: usize, c: &ConvParams| (size + 2 * c.pad - c.kernel) / c.stride + 1;
+        let stem = out(crop, &self.stem_conv);
+        let mut convs = vec![(&self.stem_conv, stem)];
+        let mut size = (stem + 2 - 3) / 2 + 1; // max pool 3x3/2, pad 1
+        for block in &self.blocks {
+            if let Some((conv, _)) = &block.downsample {
+                convs.push((conv, out(size, conv)));
+            }
+            size = out(size, &block.conv1);
+            convs.push((&block.conv1, size));
+            convs.push((&block.conv2, size));
+        }
+        convs
+    }
+
     /// Multiply-adds of one image's forward pass at `crop x crop` in the convolutions and
     /// linear layers (a backward pass costs about twice as many).
     pub fn forward_macs(&self, crop: usize) -> u64 {
-        let out = |size: usize, c: &ConvParams| (size + 2 * c.pad - c.kernel) / c.stride + 1;
-        let conv_macs = |size: usize, c: &ConvParams| {
-            let o = out(size, c) as u64;
-            o * o * (c.out_channels * c.in_channels * c.kernel * c.kernel) as u64
-        };
-        let mut macs = conv_macs(crop, &self.stem_conv);
-        let mut size = (out(crop, &self.stem_conv) + 2 - 3) / 2 + 1; // max pool 3x3/2, pad 1
-        for block in &self.blocks {
-            macs += conv_macs(size, &block.conv1);
-            if let Some((conv, _)) = &block.downsample {
-                macs += conv_macs(size, conv);
-            }
-            size = out(size, &block.conv1);
-            macs += conv_macs(size, &block.conv2);
-        }
-        macs + self
-            .linears()
+        let convs: u64 = self
+            .conv_outputs(crop)
             .iter()
-            .map(|l| (l.in_features * l.out_features) as u64)
-            .sum::<u64>()
+            .map(|(c, o)| (o * o * c.out_channels * c.in_channels * c.kernel * c.kernel) as u64)
+            .sum();
+        convs
+            + self
+                .linears()
+                .iter()
+                .map(|l| (l.in_features * l.out_features) as u64)
+                .sum::<u64>()
+    }
+
+    /// An upper estimate of the host memory, in bytes, of a training step whose larger
+    /// task has `batch` images at `crop x crop`: both passes' kept activations (each
+    /// convolution's output and its batch norm's), the backward's temporaries, and the five
+    /// flat buffers (parameters, momentum, g1, g2, running statistics).
+    pub fn step_memory_bytes(&self, batch: usize, crop: usize) -> u64 {
+        let convs = self.conv_outputs(crop);
+        let per_image: u64 = convs
+            .iter()
+            .map(|(c, o)| (2 * c.out_channels * o * o) as u64)
+            .sum();
+        let largest = convs
+            .iter()
+            .map(|(c, o)| (c.out_channels * o * o) as u64)
+            .max()
+            .unwrap_or(0);
+        let input = (3 * crop * crop) as u64;
+        let floats = 2 * batch as u64 * (per_image + input)
+            + 4 * batch as u64 * largest
+            + 5 * self.param_len() as u64;
+        4 * floats
     }
 }

@@ -27,6 +27,7 @@ use crate::data::batch::{Augmenter, Views};
 use crate::data::sampler::{BalancedSampler, SamplerPosition};
 use crate::data::{BagLabel, PatchStore};
 use crate::engine::Engine;
+use crate::memory;
 use crate::model::{ModelState, Network, StepReport, Trainer};
 use crate::plots;
 
@@ -208,6 +209,19 @@ impl Run {
             config.seed,
         )?;
         sampler.seek(position)?;
+        let split = sampler.split();
+        let largest_task = match config.objective {
+            Objective::Slam => split.positive.max(split.negative),
+            Objective::Simclr => split.positive + split.negative,
+        };
+        memory::ensure_fits(
+            Network::new(state.config).step_memory_bytes(largest_task, config.crop),
+            &format!(
+                "a training step of {} patches ({} + {}) at crop {} with a {} network",
+                config.batch, split.positive, split.negative, config.crop, state.config
+            ),
+            "lower --batch or --crop",
+        )?;
         Ok(Self {
             dir: dir.to_path_buf(),
             augmenter: Augmenter::new(augment, config.seed),

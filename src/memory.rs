@@ -1,0 +1,74 @@
+//! How much host memory a command may plan for, so that a batch that cannot fit is refused
+//! before it starts (with the numbers) instead of failing hours into a run.
+
+use anyhow::{Result, anyhow, ensure};
+
+/// The environment variable that caps the memory slam plans for (bytes, or with a K, M or
+/// G suffix); without it, the system's available memory (Linux `MemAvailable`).
+pub const LIMIT_VAR: &str = "SLAM_MEMORY_LIMIT";
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The memory slam may use, if known.
+pub fn available_bytes() -> Result<Option<u64>> {
+    if let Ok(text) = std::env::var(LIMIT_VAR) {
+        return parse_size(&text).map(Some);
+    }
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+        return Ok(None);
+    };
+    Ok(meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024))
+}
+
+fn parse_size(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let (digits, scale) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    let value: f64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("{LIMIT_VAR}={text:?} is not a size (e.g. 8G, 512M or bytes)"))?;
+    ensure!(
+        value >= 0.0 && value.is_finite(),
+        "{LIMIT_VAR}={text:?} is not a size"
+    );
+    Ok((value * scale as f64) as u64)
+}
+
+/// Refuses `needed` bytes for `what` when more than the available memory.
+pub fn ensure_fits(needed: u64, what: &str, advice: &str) -> Result<()> {
+    if let Some(available) = available_bytes()? {
+        ensure!(
+            needed <= available,
+            "{what} needs about {:.1} GiB of memory and {:.1} GiB is available: {advice} \
+             (or set {LIMIT_VAR} if the estimate is wrong for this machine)",
+            needed as f64 / GIB,
+            available as f64 / GIB
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert_eq!(parse_size("2K").unwrap(), 2048);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size(" 512m ").unwrap(), 512 << 20);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("-1G").is_err());
+    }
+}
