@@ -37,6 +37,7 @@ fn write_slide(path: &Path, side: u32, chunks: Chunks) {
         height: side,
         chunks,
         pixel: &pixel,
+        description: None,
     };
     write_tiff(path, &[page], Layout::default()).unwrap();
 }

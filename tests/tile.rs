@@ -83,6 +83,7 @@ fn page(
         height,
         chunks,
         pixel,
+        description: None,
     }
 }
 
@@ -529,6 +530,41 @@ fn cli_refuses_an_existing_output_without_force() {
         "{text}"
     );
     assert_eq!(PatchStore::open(&out).unwrap().len(), 1);
+}
+
+/// With OpenSlide, an Aperio-marked copy of the test slide gives the patches the TIFF reader
+/// gives.
+#[cfg(feature = "openslide")]
+#[test]
+fn openslide_reads_vendor_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiff = dir.path().join("normal/plain.tif");
+    write_slide(&tiff, Chunks::Tiles(256, 256), false);
+    let svs = dir.path().join("normal/scan.svs");
+    let page = Page {
+        description: Some(
+            "Aperio Image Library v10.0.0\r\n3000x2250 [0,0 3000x2250] (256x256) RAW|AppMag = 20",
+        ),
+        ..page(WIDTH, HEIGHT, Chunks::Tiles(256, 256), &pixel)
+    };
+    write_tiff(&svs, &[page], Layout::default()).unwrap();
+    let mut found = Vec::new();
+    for slide in [&tiff, &svs] {
+        let out = dir.path().join("o.patches");
+        let options = TileOptions {
+            overwrite: true,
+            ..sized(SIDE)
+        };
+        tile(&[slide], &out, &options).unwrap();
+        let store = PatchStore::open(&out).unwrap();
+        let by_corner: BTreeMap<(u32, u32), Vec<u8>> = patches(&store)
+            .into_iter()
+            .map(|(s, p)| (corner(&s), p))
+            .collect();
+        found.push(by_corner);
+    }
+    assert_eq!(found[1].len(), 13);
+    assert!(found[0] == found[1]);
 }
 
 #[cfg(not(feature = "openslide"))]

@@ -24,6 +24,8 @@ pub struct Page<'a> {
     pub height: u32,
     pub chunks: Chunks,
     pub pixel: &'a (dyn Fn(u32, u32) -> [u8; 3] + Sync),
+    /// ImageDescription, where vendors (Aperio) mark their files.
+    pub description: Option<&'a str>,
 }
 
 impl Page<'_> {
@@ -70,6 +72,7 @@ pub struct Layout {
     pub sub_ifds: bool,
 }
 
+const ASCII: u16 = 2;
 const SHORT: u16 = 3;
 const LONG: u16 = 4;
 const LONG8: u16 = 16;
@@ -88,6 +91,7 @@ fn entry(tag: u16, kind: u16, values: Vec<u64>) -> Entry {
 
 fn size_of_kind(kind: u16) -> usize {
     match kind {
+        ASCII => 1,
         SHORT => 2,
         LONG | IFD => 4,
         _ => 8,
@@ -179,6 +183,10 @@ fn ifd_region(
                 entry(278, LONG, vec![u64::from(rows)]),
                 entry(279, offset_kind, counts[i].clone()),
             ]),
+        }
+        if let Some(text) = page.description {
+            let bytes = text.bytes().chain([0]).map(u64::from).collect();
+            e.push(entry(270, ASCII, bytes));
         }
         if i == 0 && layout.sub_ifds && pages.len() > 1 {
             let kind = if layout.big { IFD8 } else { IFD };
