@@ -600,3 +600,17 @@ fn cli_rejects_bad_values() {
         );
     }
 }
+
+#[test]
+fn strips_too_large_to_read_at_once_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let slide = dir.path().join("normal_one_strip.tif");
+    let pages = [page(4800, 4800, Chunks::Strips(4800), &glass)];
+    write_tiff(&slide, &pages, Layout::default()).unwrap();
+    let err = tile(&[&slide], &dir.path().join("s.patches"), &sized(SIDE)).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("normal_one_strip.tif") && err.contains("re-save the slide tiled"),
+        "{err}"
+    );
+}

@@ -30,7 +30,7 @@ use image::RgbImage;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use tiff::decoder::{Decoder, DecodingResult, Limits};
+use tiff::decoder::{Decoder, DecodingResult};
 use tiff::tags::Tag;
 
 use super::pack::{
@@ -1350,11 +1350,9 @@ impl TiffFile {
             pos: 0,
             synced: true,
         };
-        let decoder = Decoder::new(reader).map_err(tiff_error)?;
-        let mut limits = Limits::default();
-        limits.decoding_buffer_size = MAX_CHUNK_BYTES;
-        limits.intermediate_buffer_size = MAX_CHUNK_BYTES;
-        Ok(decoder.with_limits(limits))
+        // The decoder's default limits bound what it reads from the file (256 MiB of tag
+        // values, 128 MiB per compressed chunk); `open_level` bounds the decoded chunks.
+        Decoder::new(reader).map_err(tiff_error)
     }
 }
 
@@ -1518,7 +1516,10 @@ impl SlideSource for TiffSlide {
         let (cw, ch) = (u64::from(cw), u64::from(ch).min(dims.height));
         ensure!(cw > 0 && ch > 0, "its chunk size is {cw}x{ch}");
         let what = if strips { "strip" } else { "tile" };
-        let chunk_bytes = cw * ch * page.pixels.samples() as u64;
+        // Decoded chunks are clipped to the image (a tile may be wider than it).
+        let chunk_bytes = (cw.min(dims.width))
+            .saturating_mul(ch)
+            .saturating_mul(page.pixels.samples() as u64);
         ensure!(
             chunk_bytes <= MAX_CHUNK_BYTES as u64,
             "a {what} of level {level} is {cw}x{ch} pixels, more than the {} MiB read at once; re-save the slide tiled (e.g. `vips tiffsave in.tif out.tif --tile --pyramid`)",
