@@ -13,6 +13,7 @@ mod mil;
 mod pack;
 mod pretrain;
 mod synth;
+mod tile;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,7 @@ use clap::{Parser, Subcommand};
 
   slam synth --out data/synth --patch-size 64       a synthetic cytology dataset (bags of cells)
   slam pack slides/ --out slides.patches            image folders (one per bag) to a patch store
+  slam tile slides/ --out slides.patches            whole slides (TIFF, ...) to bags of tissue patches
   slam bags cells/ --out bags/ --negative-class LYT --positive-class BLA --bags 60 \\
       --bag-size 1000 --witness-rate 0.01          bags at a witness rate from cell classes
   slam inspect data/train.patches --bags            what a patch store holds
@@ -61,6 +63,8 @@ enum Command {
     Pack(pack::PackArgs),
     /// Build bags at a chosen witness rate from folders of labelled cells: train and test stores.
     Bags(bags::BagsArgs),
+    /// Tile whole-slide images (TIFF, PNG, JPEG, OpenSlide formats) into bags of tissue patches.
+    Tile(tile::TileArgs),
     /// Describe a patch store: counts, pools, witness rates, bags.
     Inspect(inspect::InspectArgs),
     /// Pretrain the encoder on a patch store (SLAM-AGS, or an ablation).
@@ -92,6 +96,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Synth(args) => synth::run(args),
         Command::Pack(args) => pack::run(args),
         Command::Bags(args) => bags::run(args),
+        Command::Tile(args) => tile::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Embed(args) => embed::run(args),

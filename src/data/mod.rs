@@ -11,5 +11,6 @@ pub mod rng;
 pub mod sampler;
 pub mod store;
 pub mod synth;
+pub mod tile;
 
 pub use store::{Bag, BagLabel, PatchSize, PatchStore, StoreSummary, StoreWriter};

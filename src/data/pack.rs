@@ -81,8 +81,17 @@ impl ImageTally {
 /// (relative to `root`), and how many other files there were. Hidden files count as ignored;
 /// hidden folders are not entered.
 pub fn find_images(root: &Path, dir: &Path) -> Result<(Vec<ImageFile>, usize)> {
+    find_files(root, dir, is_image_name)
+}
+
+/// The files under `dir` whose path `wanted` accepts, as [`find_images`] finds images.
+pub(crate) fn find_files(
+    root: &Path,
+    dir: &Path,
+    wanted: fn(&Path) -> bool,
+) -> Result<(Vec<ImageFile>, usize)> {
     let (mut images, mut ignored) = (Vec::new(), 0);
-    walk(root, dir, 0, &mut images, &mut ignored)?;
+    walk(root, dir, 0, wanted, &mut images, &mut ignored)?;
     images.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     Ok((images, ignored))
 }
@@ -91,6 +100,7 @@ fn walk(
     root: &Path,
     dir: &Path,
     depth: usize,
+    wanted: fn(&Path) -> bool,
     images: &mut Vec<ImageFile>,
     ignored: &mut usize,
 ) -> Result<()> {
@@ -112,9 +122,9 @@ fn walk(
         // be read is reported by the decoding like any other unreadable image.
         if path.is_dir() {
             if !hidden {
-                walk(root, &path, depth + 1, images, ignored)?;
+                walk(root, &path, depth + 1, wanted, images, ignored)?;
             }
-        } else if !hidden && is_image_name(&path) {
+        } else if !hidden && wanted(&path) {
             images.push(ImageFile {
                 name: relative_name(root, &path),
                 path,
@@ -242,7 +252,7 @@ fn crop_offset(from: usize, to: usize) -> usize {
     ((from - to) as f64 / 2.0).round_ties_even() as usize
 }
 
-fn open_image(path: &Path) -> Result<image::DynamicImage> {
+pub(crate) fn open_image(path: &Path) -> Result<image::DynamicImage> {
     // The content decides the format when it is recognizable, so a PNG named .jpg still reads.
     let reader = ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
@@ -519,7 +529,7 @@ fn label_bags(input: &Path, options: &PackOptions) -> Result<LabelledFolders> {
         }
         Layout::Bags => match &options.labels {
             Some(path) => {
-                let labels = read_labels(path)?;
+                let labels = read_labels(path, "bag")?;
                 let missing: Vec<&String> = folders
                     .iter()
                     .filter(|f| !labels.contains_key(*f))
@@ -584,7 +594,7 @@ pub(crate) fn subfolders(dir: &Path) -> Result<Vec<String>> {
     Ok(folders)
 }
 
-fn prefix_label(name: &str) -> Option<BagLabel> {
+pub(crate) fn prefix_label(name: &str) -> Option<BagLabel> {
     if name.starts_with(NORMAL_PREFIX) {
         Some(BagLabel::Normal)
     } else if name.starts_with(ABNORMAL_PREFIX) {
@@ -595,7 +605,7 @@ fn prefix_label(name: &str) -> Option<BagLabel> {
 }
 
 /// `"a", "b", "c"` and how many more, for error messages about many names.
-fn quoted_list(names: &[&String]) -> String {
+pub(crate) fn quoted_list(names: &[&String]) -> String {
     const SHOWN: usize = 5;
     let mut list: Vec<String> = names.iter().take(SHOWN).map(|n| format!("{n:?}")).collect();
     if names.len() > SHOWN {
@@ -604,8 +614,9 @@ fn quoted_list(names: &[&String]) -> String {
     list.join(", ")
 }
 
-/// Reads a labels file: CSV with columns `bag` and `label` (other columns are ignored).
-fn read_labels(path: &Path) -> Result<HashMap<String, BagLabel>> {
+/// Reads a labels file: CSV with columns `key` (`bag` for `slam pack`) and `label` (other
+/// columns are ignored).
+pub(crate) fn read_labels(path: &Path, key: &str) -> Result<HashMap<String, BagLabel>> {
     let context = || format!("cannot read the labels file {}", path.display());
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
@@ -618,12 +629,12 @@ fn read_labels(path: &Path) -> Result<HashMap<String, BagLabel>> {
             .position(|h| h.eq_ignore_ascii_case(name))
             .ok_or_else(|| {
                 anyhow!(
-                    "{} has no {name:?} column; its header must be `bag,label`",
+                    "{} has no {name:?} column; its header must be `{key},label`",
                     path.display()
                 )
             })
     };
-    let (bag_column, label_column) = (column("bag")?, column("label")?);
+    let (bag_column, label_column) = (column(key)?, column("label")?);
     let mut labels = HashMap::new();
     for record in reader.records() {
         let record = record.with_context(context)?;
@@ -632,19 +643,19 @@ fn read_labels(path: &Path) -> Result<HashMap<String, BagLabel>> {
         let (bag, label) = (field(bag_column), field(label_column));
         ensure!(
             !bag.is_empty(),
-            "{} line {line}: the bag name is empty",
+            "{} line {line}: the {key} name is empty",
             path.display()
         );
         let label = parse_label(label).ok_or_else(|| {
             anyhow!(
-                "{} line {line}: bag {bag:?} has the unknown label {label:?}; labels are normal or abnormal (also negative/positive, 0/1)",
+                "{} line {line}: {key} {bag:?} has the unknown label {label:?}; labels are normal or abnormal (also negative/positive, 0/1)",
                 path.display()
             )
         })?;
         if let Some(before) = labels.insert(bag.to_owned(), label) {
             ensure!(
                 before == label,
-                "{} line {line}: bag {bag:?} is labelled both {before} and {label}",
+                "{} line {line}: {key} {bag:?} is labelled both {before} and {label}",
                 path.display()
             );
         }
@@ -652,7 +663,7 @@ fn read_labels(path: &Path) -> Result<HashMap<String, BagLabel>> {
     Ok(labels)
 }
 
-fn parse_label(label: &str) -> Option<BagLabel> {
+pub(crate) fn parse_label(label: &str) -> Option<BagLabel> {
     match label.to_ascii_lowercase().as_str() {
         "normal" | "negative" | "0" => Some(BagLabel::Normal),
         "abnormal" | "positive" | "1" => Some(BagLabel::Abnormal),
