@@ -489,7 +489,7 @@ fn validate(bytes: &[u8]) -> Result<(Header, Vec<Bag>)> {
     let header: Header = bytemuck::pod_read_unaligned(&bytes[..HEADER_BYTES]);
     ensure!(
         header.magic == MAGIC,
-        "it does not start with the patch store signature (write one with `slam pack`, `slam bags` or `slam synth`)"
+        "it does not start with the patch store signature (write one with `slam pack`, `slam bags`, `slam tile` or `slam synth`)"
     );
     ensure!(
         header.version == VERSION,
