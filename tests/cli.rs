@@ -454,3 +454,20 @@ fn pretrain_refuses_a_step_that_does_not_fit_in_memory() {
     );
     assert!(!run.exists());
 }
+
+#[test]
+fn bench_kernels_without_a_gpu_fails_clearly() {
+    // SAFETY: only tries to load the library.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        println!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    assert_fails_with(
+        &slam(&["bench", "kernels", "--runs", "1"]),
+        &[
+            "slam bench kernels needs a CUDA GPU",
+            "libcuda.so",
+            "CPU engine",
+        ],
+    );
+}

@@ -1,25 +1,19 @@
-//! The embedded CUDA kernels: the table build.rs writes, and each kernel against its CPU twin
-//! on a real GPU (skipped, with the reason printed, where there is none).
+//! The embedded CUDA kernels: the table build.rs writes, and each GPU op against its CPU twin
+//! (the CPU engine's op of the same name) on random inputs of several sizes, on a real GPU.
+//! Without a GPU each GPU test prints why it skips and passes; with `SLAM_REQUIRE_GPU=1` set
+//! (the GPU check script sets it) a missing GPU fails them instead.
 
 use std::fs;
 use std::path::Path;
-use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, LaunchConfig, PushKernelArg,
-};
-use cudarc::nvrtc::Ptx;
+use cudarc::driver::CudaSlice;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use slam_ags::engine::GradDots;
-use slam_ags::engine::cpu::grad_dots;
-use slam_ags::engine::cuda::{KERNEL_FILES, kernel_file};
-
-/// The `#define AGS_DOTS_BLOCK` of kernels/ags.cu (checked below).
-const AGS_DOTS_BLOCK: u32 = 256;
-/// A fixed grid, as the kernel's launch contract asks for determinism.
-const AGS_DOTS_GRID: u32 = 1024;
+use slam_ags::engine::cpu::{CpuEngine, grad_dots};
+use slam_ags::engine::cuda::{
+    AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, KERNEL_FILES, LOSS_BLOCK, LOSS_COLS, kernel_file,
+};
+use slam_ags::engine::{Engine, GradDots, SgdUpdate, ViewPair};
 
 /// The names of the `extern "C" __global__` functions declared in a kernel source.
 fn kernel_names(source: &str) -> Vec<&str> {
@@ -43,23 +37,34 @@ fn kernel_names(source: &str) -> Vec<&str> {
 #[test]
 fn every_kernel_file_is_embedded() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
-    let mut on_disk: Vec<String> = fs::read_dir(&dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
-        .map(|path| path.file_stem().unwrap().to_str().unwrap().to_owned())
-        .collect();
-    on_disk.sort();
-    let embedded: Vec<&str> = KERNEL_FILES.iter().map(|k| k.name).collect();
-    assert_eq!(embedded, on_disk);
+    // The GPU check runs this executable on another machine, away from the checkout.
+    let checkout = dir.is_dir();
+    if checkout {
+        let mut on_disk: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
+            .map(|path| path.file_stem().unwrap().to_str().unwrap().to_owned())
+            .collect();
+        on_disk.sort();
+        let embedded: Vec<&str> = KERNEL_FILES.iter().map(|k| k.name).collect();
+        assert_eq!(embedded, on_disk);
+    } else {
+        println!(
+            "{} is not here: the embedded sources are not compared with it",
+            dir.display()
+        );
+    }
 
     for file in KERNEL_FILES {
-        let source = fs::read_to_string(dir.join(format!("{}.cu", file.name))).unwrap();
-        assert_eq!(
-            file.source, source,
-            "{}.cu differs from the embedded source",
-            file.name
-        );
+        if checkout {
+            let source = fs::read_to_string(dir.join(format!("{}.cu", file.name))).unwrap();
+            assert_eq!(
+                file.source, source,
+                "{}.cu differs from the embedded source",
+                file.name
+            );
+        }
         let names = kernel_names(file.source);
         assert!(
             !names.is_empty(),
@@ -77,88 +82,54 @@ fn every_kernel_file_is_embedded() {
             None => println!("{}.cu: no fatbin embedded (built without nvcc)", file.name),
         }
     }
-    assert!(kernel_file("ags").is_some());
+    assert!(kernel_file("ags").is_some() && kernel_file("loss").is_some());
     assert!(kernel_file("no-such-kernel").is_none());
 }
 
 #[test]
-fn ags_block_size_matches_the_kernel() {
-    let define = format!("#define AGS_DOTS_BLOCK {AGS_DOTS_BLOCK}\n");
-    assert!(kernel_file("ags").unwrap().source.contains(&define));
-}
-
-/// Loads `kernels/<name>.cu`: the embedded fatbin, else the source compiled with NVRTC.
-fn load_module(ctx: &Arc<CudaContext>, name: &str) -> Result<Arc<CudaModule>> {
-    let file = kernel_file(name).context("no such kernel file")?;
-    let ptx = match file.fatbin {
-        Some(fatbin) => Ptx::from_binary(fatbin.to_vec()),
-        None => {
-            // SAFETY: only probes whether the library can be loaded.
-            if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-                bail!("no fatbin embedded and no NVRTC library to compile {name}.cu");
-            }
-            cudarc::nvrtc::compile_ptx(file.source)?
-        }
-    };
-    Ok(ctx.load_module(ptx)?)
-}
-
-struct AgsDots {
-    stream: Arc<CudaStream>,
-    partial: CudaFunction,
-    finalize: CudaFunction,
-}
-
-impl AgsDots {
-    fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
-        let module = load_module(ctx, "ags")?;
-        Ok(Self {
-            stream: ctx.default_stream(),
-            partial: module.load_function("ags_dots_partial")?,
-            finalize: module.load_function("ags_dots_finalize")?,
-        })
+fn block_sizes_match_the_kernels() {
+    for (file, define, value) in [
+        ("ags", "AGS_DOTS_BLOCK", AGS_DOTS_BLOCK),
+        ("ags", "AGS_UPDATE_BLOCK", AGS_UPDATE_BLOCK),
+        ("loss", "LOSS_BLOCK", LOSS_BLOCK),
+        ("loss", "LOSS_COLS", LOSS_COLS),
+    ] {
+        let line = format!("#define {define} {value}\n");
+        assert!(
+            kernel_file(file).unwrap().source.contains(&line),
+            "{file}.cu lacks {line:?}"
+        );
     }
+}
 
-    fn run(&self, g1: &CudaView<f32>, g2: &CudaView<f32>) -> Result<GradDots> {
-        assert_eq!(g1.len(), g2.len());
-        let n = g1.len() as u64;
-        // NaN-filled: a partial or result the kernels fail to write shows up.
-        let mut partials = self
-            .stream
-            .clone_htod(&vec![f64::NAN; 3 * AGS_DOTS_GRID as usize])?;
-        let mut out = self.stream.clone_htod(&[f64::NAN; 3])?;
-        let cfg = LaunchConfig {
-            grid_dim: (AGS_DOTS_GRID, 1, 1),
-            block_dim: (AGS_DOTS_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: argument types and buffer sizes follow the launch contract in ags.cu.
-        unsafe {
-            let mut launch = self.stream.launch_builder(&self.partial);
-            launch
-                .arg(g1)
-                .arg(g2)
-                .arg(&n)
-                .arg(&mut partials)
-                .launch(cfg)?;
-            let mut launch = self.stream.launch_builder(&self.finalize);
-            launch.arg(&partials).arg(&AGS_DOTS_GRID).arg(&mut out);
-            launch.launch(LaunchConfig {
-                grid_dim: (1, 1, 1),
-                ..cfg
-            })?;
+/// The GPU, or None (with the reason printed) where there is none and SLAM_REQUIRE_GPU is
+/// unset. Any other failure to start fails the test.
+fn gpu() -> Option<Gpu> {
+    match Gpu::new(0) {
+        Ok(gpu) => {
+            println!(
+                "GPU: {} (sm_{}{}), kernels {:?}",
+                gpu.name(),
+                gpu.compute_capability().0,
+                gpu.compute_capability().1,
+                gpu.kernel_sources()
+            );
+            Some(gpu)
         }
-        let out = self.stream.clone_dtoh(&out)?;
-        Ok(GradDots {
-            g1g2: out[0],
-            g1g1: out[1],
-            g2g2: out[2],
-        })
+        Err(err) if err.is_no_gpu() && std::env::var_os("SLAM_REQUIRE_GPU").is_none() => {
+            println!("skipped: {err}");
+            None
+        }
+        Err(err) => panic!("cannot start the GPU: {err}"),
     }
+}
+
+fn uniform(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
 /// The largest error of `gpu` against `cpu`, relative to |g1|^2, |g2|^2 and |g1||g2|.
-fn max_rel_err(gpu: GradDots, cpu: GradDots) -> f64 {
+fn dots_rel_err(gpu: GradDots, cpu: GradDots) -> f64 {
     let scale = |x: f64| if x == 0.0 { 1.0 } else { x };
     let d = (gpu.g1g2 - cpu.g1g2).abs() / scale((cpu.g1g1 * cpu.g2g2).sqrt());
     let a = (gpu.g1g1 - cpu.g1g1).abs() / scale(cpu.g1g1);
@@ -166,50 +137,318 @@ fn max_rel_err(gpu: GradDots, cpu: GradDots) -> f64 {
     d.max(a).max(b)
 }
 
-fn bits(x: GradDots) -> [u64; 3] {
+fn dots_bits(x: GradDots) -> [u64; 3] {
     [x.g1g2.to_bits(), x.g1g1.to_bits(), x.g2g2.to_bits()]
 }
 
+/// Sizes of the flat-buffer passes: tiny, not multiples of 4 or of the block, several grids'
+/// worth, and the reference model's 11,701,824 parameters.
+const FLAT_SIZES: [usize; 7] = [1, 3, 1000, 4097, 70_001, (1 << 20) + 7, 11_701_824];
+
+/// View offsets (in floats) of the buffers of one launch: equal offsets take the scalar head
+/// + float4 path, different ones the all-scalar path.
+const OFFSETS: [[usize; 4]; 3] = [[0, 0, 0, 0], [1, 1, 1, 1], [1, 2, 1, 3]];
+
 #[test]
-fn ags_dots_kernel_matches_cpu_twin() -> Result<()> {
-    // SAFETY: only probes whether the library can be loaded.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        println!("skipped: no CUDA driver library on this machine");
-        return Ok(());
-    }
-    let ctx = match CudaContext::new(0) {
-        Ok(ctx) => ctx,
-        Err(err) => {
-            println!("skipped: no usable CUDA device: {err}");
-            return Ok(());
-        }
-    };
-    let ags = AgsDots::new(&ctx)?;
-    let stream = &ags.stream;
+fn grad_dots_matches_cpu_twin() -> anyhow::Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
-    for n in [1usize, 3, 1000, 4097, (1 << 20) + 7, 11_701_824] {
-        // Two extra elements so that views at offsets 1 and 2 hold n: equal offsets take the
-        // scalar head + float4 path, different offsets the all-scalar one.
-        let g1: Vec<f32> = (0..n + 2).map(|_| rng.random_range(-1.0..1.0)).collect();
+    for n in FLAT_SIZES {
+        // Three extra elements so that views at offsets up to 3 hold n.
+        let g1 = uniform(&mut rng, n + 3);
         // Partly opposed to g1, as conflicting task gradients are.
         let g2: Vec<f32> = g1
             .iter()
             .map(|&x| -0.3 * x + rng.random_range(-1.0..1.0))
             .collect();
-        let (d1, d2) = (stream.clone_htod(&g1)?, stream.clone_htod(&g2)?);
-        for (o1, o2) in [(0, 0), (1, 1), (1, 2)] {
+        let (d1, d2) = (gpu.upload(&g1)?, gpu.upload(&g2)?);
+        for [o1, o2, ..] in OFFSETS {
             let (v1, v2) = (d1.slice(o1..o1 + n), d2.slice(o2..o2 + n));
-            let gpu = ags.run(&v1, &v2)?;
-            let again = ags.run(&v1, &v2)?;
+            let got = gpu.grad_dots(&v1, &v2)?;
+            let again = gpu.grad_dots(&v1, &v2)?;
             let cpu = grad_dots(&g1[o1..o1 + n], &g2[o2..o2 + n]);
-            let err = max_rel_err(gpu, cpu);
-            println!("n={n} offsets=({o1},{o2}): max relative error {err:.3e}");
+            let err = dots_rel_err(got, cpu);
+            println!("grad_dots n={n} offsets=({o1},{o2}): max relative error {err:.3e}");
             assert!(
                 err < 1e-9,
-                "n={n} offsets=({o1},{o2}): gpu {gpu:?} cpu {cpu:?}"
+                "n={n} offsets=({o1},{o2}): gpu {got:?} cpu {cpu:?}"
             );
-            assert_eq!(bits(gpu), bits(again), "n={n}: two runs differ");
+            assert_eq!(dots_bits(got), dots_bits(again), "n={n}: two runs differ");
         }
     }
+    Ok(())
+}
+
+/// Values of a gradient-like buffer, a few of them subnormal (which must not be flushed).
+fn gradient_like(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let x: f32 = rng.random_range(-1.0..1.0);
+            if i % 97 == 5 { x * 1e-39 } else { x * 1e-2 }
+        })
+        .collect()
+}
+
+/// How many values differ in their bits, and the largest difference in units in the last
+/// place (0 and 0 means bit-identical).
+fn ulp_diff(got: &[f32], want: &[f32]) -> (usize, u32) {
+    assert_eq!(got.len(), want.len());
+    let mut count = 0;
+    let mut max = 0;
+    for (&a, &b) in got.iter().zip(want) {
+        if a.to_bits() != b.to_bits() {
+            count += 1;
+            let ulps = (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs();
+            max = max.max(u32::try_from(ulps).unwrap_or(u32::MAX));
+        }
+    }
+    (count, max)
+}
+
+#[test]
+fn sgd_step_matches_cpu_twin_bit_for_bit() -> anyhow::Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let mut rng = ChaCha8Rng::seed_from_u64(0x56d);
+    let u = SgdUpdate {
+        alpha: 0.83,
+        beta: 1.17,
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+    };
+    for n in FLAT_SIZES {
+        let host: Vec<Vec<f32>> = (0..4).map(|_| gradient_like(&mut rng, n + 3)).collect();
+        for offsets in OFFSETS {
+            let [o1, o2, op, om] = offsets;
+            let (d1, d2) = (gpu.upload(&host[0])?, gpu.upload(&host[1])?);
+            let (mut dp, mut dm) = (gpu.upload(&host[2])?, gpu.upload(&host[3])?);
+            gpu.sgd_step(
+                &u,
+                &d1.slice(o1..o1 + n),
+                &d2.slice(o2..o2 + n),
+                &mut dp.slice_mut(op..op + n),
+                &mut dm.slice_mut(om..om + n),
+            )?;
+            let (mut p, mut m) = (host[2].clone(), host[3].clone());
+            CpuEngine.sgd_step(
+                &u,
+                &host[0][o1..o1 + n],
+                &host[1][o2..o2 + n],
+                &mut p[op..op + n],
+                &mut m[om..om + n],
+            )?;
+            let (gp, gm) = (gpu.download(&dp.as_view())?, gpu.download(&dm.as_view())?);
+            let (pc, pu) = ulp_diff(&gp, &p);
+            let (mc, mu) = ulp_diff(&gm, &m);
+            println!(
+                "sgd_step n={n} offsets={offsets:?}: params {pc} values differ (max {pu} ulp), \
+                 momentum {mc} (max {mu} ulp)"
+            );
+            assert_eq!(
+                (pc, mc),
+                (0, 0),
+                "n={n} offsets={offsets:?}: not bit-identical"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn combine_grads_matches_cpu_twin_bit_for_bit() -> anyhow::Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let mut rng = ChaCha8Rng::seed_from_u64(0xc0b1);
+    for n in FLAT_SIZES {
+        let host: Vec<Vec<f32>> = (0..3).map(|_| gradient_like(&mut rng, n + 3)).collect();
+        for offsets in OFFSETS {
+            let [o1, o2, oo, _] = offsets;
+            let (d1, d2) = (gpu.upload(&host[0])?, gpu.upload(&host[1])?);
+            // NaN-filled: an element the kernel fails to write shows up.
+            let mut dout = gpu.upload(&vec![f32::NAN; n + 3])?;
+            gpu.combine_grads(
+                &d1.slice(o1..o1 + n),
+                &d2.slice(o2..o2 + n),
+                0.83,
+                -1.17,
+                &mut dout.slice_mut(oo..oo + n),
+            )?;
+            let mut out = vec![0.0; n];
+            CpuEngine.combine_grads(
+                &host[0][o1..o1 + n],
+                &host[1][o2..o2 + n],
+                0.83,
+                -1.17,
+                &mut out,
+            )?;
+            let got = gpu.download(&dout.slice(oo..oo + n))?;
+            let (count, max) = ulp_diff(&got, &out);
+            println!(
+                "combine_grads n={n} offsets={offsets:?}: {count} values differ (max {max} ulp)"
+            );
+            assert_eq!(count, 0, "n={n} offsets={offsets:?}: not bit-identical");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    NtXent,
+    Cohesion,
+}
+
+/// Loss shapes `(n, dim)`: 2n from 2 to 400 rows (partial blocks of columns, several blocks,
+/// rows longer than a block), dims that are not multiples of the 32 feature groups, and the
+/// reference 2n = 256 rows of 512.
+const LOSS_SHAPES: [(usize, usize); 7] = [
+    (1, 1),
+    (2, 3),
+    (5, 33),
+    (17, 64),
+    (37, 100),
+    (128, 512),
+    (200, 129),
+];
+
+/// The largest error of `got` against `want`, each feature-major `[dim, n]` column relative
+/// to that column's largest value in `want` (columns differ in scale by orders of magnitude
+/// where a norm floor is active). NaN anywhere gives NaN.
+fn column_err(got: &[f32], want: &[f32], n: usize) -> f64 {
+    let mut worst = 0.0f64;
+    for a in 0..n {
+        let col = |v: &[f32]| {
+            v.iter()
+                .skip(a)
+                .step_by(n)
+                .map(|&x| x as f64)
+                .collect::<Vec<_>>()
+        };
+        let (g, w) = (col(got), col(want));
+        let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
+        for (x, y) in g.iter().zip(&w) {
+            let e = (x - y).abs() / scale;
+            if e.is_nan() {
+                return f64::NAN;
+            }
+            worst = worst.max(e);
+        }
+    }
+    worst
+}
+
+/// Runs one loss on the GPU (outputs NaN-poisoned first) and returns the loss and gradients.
+fn gpu_loss(
+    gpu: &Gpu,
+    loss: Loss,
+    s: &ViewPair,
+    z: (&CudaSlice<f32>, &CudaSlice<f32>),
+    t: f32,
+) -> anyhow::Result<(f32, Vec<f32>, Vec<f32>)> {
+    let poison = vec![f32::NAN; s.dim * s.n];
+    let (mut dz_i, mut dz_j) = (gpu.upload(&poison)?, gpu.upload(&poison)?);
+    let (zi, zj) = (z.0.as_view(), z.1.as_view());
+    let (mut di, mut dj) = (dz_i.as_view_mut(), dz_j.as_view_mut());
+    let value = match loss {
+        Loss::NtXent => gpu.ntxent(s, &zi, &zj, t, &mut di, &mut dj)?,
+        Loss::Cohesion => gpu.cohesion(s, &zi, &zj, t, &mut di, &mut dj)?,
+    };
+    Ok((
+        value,
+        gpu.download(&dz_i.as_view())?,
+        gpu.download(&dz_j.as_view())?,
+    ))
+}
+
+fn loss_matches_cpu_twin(loss: Loss, seed: u64) -> anyhow::Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let tol = match loss {
+        // Both run the softmax in f64; the products (cuBLAS on the GPU) and f are f32.
+        Loss::NtXent => 1e-4,
+        Loss::Cohesion => 1e-5,
+    };
+    for (case, (n, dim)) in LOSS_SHAPES.into_iter().enumerate() {
+        let s = ViewPair { dim, n };
+        let mut z_i = uniform(&mut rng, dim * n);
+        // The second view near the first, as two augmentations of one patch are.
+        let mut z_j: Vec<f32> = z_i
+            .iter()
+            .map(|&x| x + 0.5 * rng.random_range(-1.0f32..1.0))
+            .collect();
+        if case % 2 == 1 {
+            // A zero sample: its norm floor is active (f = 0, and no projection).
+            for k in 0..dim {
+                z_i[k * n] = 0.0;
+            }
+        }
+        if case == 4 {
+            // Large-norm samples, as an untrained projector can give.
+            z_j.iter_mut().for_each(|x| *x *= 40.0);
+        }
+        let zd = (&gpu.upload(&z_i)?, &gpu.upload(&z_j)?);
+        for t in [0.07f32, 0.5] {
+            let (got, gi, gj) = gpu_loss(&gpu, loss, &s, zd, t)?;
+            let (again, ai, aj) = gpu_loss(&gpu, loss, &s, zd, t)?;
+            let (mut ci, mut cj) = (vec![0.0; dim * n], vec![0.0; dim * n]);
+            let want = match loss {
+                Loss::NtXent => CpuEngine.ntxent(&s, &z_i, &z_j, t, &mut ci, &mut cj)?,
+                Loss::Cohesion => CpuEngine.cohesion(&s, &z_i, &z_j, t, &mut ci, &mut cj)?,
+            };
+            let loss_err = (got as f64 - want as f64).abs() / (want as f64).abs().max(1.0);
+            let grad_err = column_err(&gi, &ci, n).max(column_err(&gj, &cj, n));
+            println!(
+                "{loss:?} 2n={} dim={dim} T={t}: loss {got} (cpu {want}), loss error {loss_err:.2e}, \
+                 max gradient error {grad_err:.2e} (relative to each column's largest)",
+                2 * n
+            );
+            assert!(
+                loss_err < tol && grad_err < tol,
+                "{loss:?} n={n} dim={dim} T={t}: loss error {loss_err:e}, gradient error {grad_err:e}"
+            );
+            assert_eq!(got.to_bits(), again.to_bits(), "two runs differ (loss)");
+            assert_eq!(
+                (ulp_diff(&gi, &ai).0, ulp_diff(&gj, &aj).0),
+                (0, 0),
+                "two runs differ (gradient)"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ntxent_matches_cpu_twin() -> anyhow::Result<()> {
+    loss_matches_cpu_twin(Loss::NtXent, 0x47e47)
+}
+
+#[test]
+fn cohesion_matches_cpu_twin() -> anyhow::Result<()> {
+    loss_matches_cpu_twin(Loss::Cohesion, 0xc0e5)
+}
+
+#[test]
+fn gpu_ops_refuse_mismatched_shapes() -> anyhow::Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let a = gpu.upload(&[1.0f32; 12])?;
+    let mut b = gpu.upload(&[1.0f32; 12])?;
+    let mut c = gpu.upload(&[1.0f32; 11])?;
+    let err = gpu
+        .grad_dots(&a.as_view(), &c.as_view())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("second gradient"), "{err}");
+    let s = ViewPair { dim: 3, n: 2 };
+    let err = gpu
+        .cohesion(
+            &s,
+            &a.slice(0..6),
+            &a.slice(6..12),
+            0.5,
+            &mut b.slice_mut(0..6),
+            &mut c.slice_mut(0..5),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dz_j: expected 6 values, got 5"), "{err}");
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `slam bench`: speed measurements.
 
+mod kernels;
+
 use std::time::Instant;
 
 use anyhow::{Result, ensure};
@@ -21,6 +23,15 @@ pub enum BenchCommand {
 Each step runs 2 x batch images through the network (two views of every patch). Reports
 the median over the timed steps, after the warm-up ones.")]
     Step(BenchStepArgs),
+    /// Each CUDA kernel timed with CUDA events, against the device's copy bandwidth.
+    #[command(after_help = "Examples:
+  slam bench kernels                     (the reference sizes: 11,701,824 parameters; 2n = 256 rows of 512)
+  slam bench kernels --params 1000000 --n 64 --dim 128 --runs 50
+
+Needs a CUDA GPU; without one it fails with the reason. Reports the median and fastest run
+of each op, GB/s counting the bytes each pass must move, and the share of the measured
+device-to-device copy bandwidth.")]
+    Kernels(kernels::BenchKernelsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -56,7 +67,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(cmd: &BenchCommand) -> Result<()> {
-    let BenchCommand::Step(args) = cmd;
+    match cmd {
+        BenchCommand::Step(args) => run_step(args),
+        BenchCommand::Kernels(args) => kernels::run(args),
+    }
+}
+
+fn run_step(args: &BenchStepArgs) -> Result<()> {
     args.device.require_available()?;
     ensure!(args.steps > 0, "--steps must be at least 1");
     ensure!(

@@ -1,4 +1,4 @@
-//! The CUDA engine's kernels.
+//! The CUDA engine: a runtime on cudarc (driver API, NVRTC fallback, cuBLAS) and its kernels.
 //!
 //! Every `kernels/*.cu` is embedded in the binary: its source always, and the fatbin that
 //! `build.rs` compiled with nvcc (SASS for sm_80 and sm_90, plus compute_90 PTX that newer
@@ -8,6 +8,21 @@
 //! error fail the build instead (CI does).
 //!
 //! The kernel sources include no headers so that NVRTC compiles them as they are.
+//!
+//! [`Gpu`] opens a device and loads the kernels once; its ops ([`Gpu::ntxent`],
+//! [`Gpu::cohesion`], [`Gpu::grad_dots`], [`Gpu::combine_grads`], [`Gpu::sgd_step`]) mean
+//! what the [`crate::engine::Engine`] methods of the same names mean, and each kernel has the
+//! CPU engine's op as its twin (`tests/cuda_kernels.rs` holds them against each other). The
+//! CUDA libraries are loaded at run time: on a machine without them [`Gpu::new`] returns
+//! [`GpuError::NoDriver`] and nothing else touches CUDA.
+
+mod ags;
+mod gpu;
+mod loss;
+
+pub use gpu::{
+    AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, GpuError, KernelSource, LOSS_BLOCK, LOSS_COLS,
+};
 
 /// One embedded `kernels/<name>.cu`.
 #[derive(Clone, Copy, Debug)]

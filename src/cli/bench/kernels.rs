@@ -1,0 +1,230 @@
+//! `slam bench kernels`: each CUDA op timed with CUDA events, next to the device's measured
+//! copy bandwidth.
+
+use anyhow::{Context, Result, ensure};
+use clap::Args;
+use cudarc::driver::CudaSlice;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::median;
+use crate::engine::cuda::Gpu;
+use crate::engine::{SgdUpdate, ViewPair};
+
+#[derive(Args, Debug)]
+pub struct BenchKernelsArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Flat parameter count of the AGS and SGD passes (the reference: ResNet-18 + projector).
+    #[arg(long, default_value_t = 11_701_824)]
+    pub params: usize,
+    /// Samples per view of the losses (2n rows in all; the reference: 128).
+    #[arg(long, default_value_t = 128)]
+    pub n: usize,
+    /// Embedding size of the losses (the reference: 512).
+    #[arg(long, default_value_t = 512)]
+    pub dim: usize,
+    /// Timed runs of each op (the median is reported).
+    #[arg(long, default_value_t = 200)]
+    pub runs: usize,
+    /// Untimed runs of each op first.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+}
+
+/// Random values in [-1, 1): never zeros, which can hide unwritten outputs and run faster.
+fn random(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// One measured op: median and fastest time, and the bytes it must move or the FLOPs it does.
+struct Row {
+    name: &'static str,
+    size: String,
+    median_us: f64,
+    min_us: f64,
+    bytes: Option<f64>,
+    flops: Option<f64>,
+}
+
+pub fn run(args: &BenchKernelsArgs) -> Result<()> {
+    ensure!(args.runs > 0, "--runs must be at least 1");
+    ensure!(
+        args.params > 0 && args.n > 0 && args.dim > 0,
+        "--params, --n and --dim must be positive"
+    );
+    let gpu = Gpu::new(args.gpu).context("slam bench kernels needs a CUDA GPU")?;
+    let (major, minor) = gpu.compute_capability();
+    let (dmaj, dmin) = gpu.driver_version()?;
+    let sources: Vec<String> = gpu
+        .kernel_sources()
+        .iter()
+        .map(|(name, source)| format!("{name}.cu: {source:?}"))
+        .collect();
+    println!(
+        "bench kernels: {} (sm_{major}{minor}, {} SMs), driver CUDA {dmaj}.{dmin}; {}",
+        gpu.name(),
+        gpu.sm_count(),
+        sources.join(", ")
+    );
+    println!(
+        "median and fastest of {} runs after {} warm-up runs, each timed with CUDA events \
+         behind two untimed runs",
+        args.runs, args.warmup
+    );
+
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<(f64, f64)> {
+        for _ in 0..args.warmup {
+            f()?;
+        }
+        let mut us = Vec::with_capacity(args.runs);
+        for _ in 0..args.runs {
+            // Two untimed runs queued first keep the device busy while the host queues the
+            // timed one, so that launch latency stays out of the measurement.
+            f()?;
+            f()?;
+            us.push(1e3 * gpu.time_ms(&mut *f)? as f64);
+        }
+        gpu.synchronize()?;
+        let min = us.iter().copied().fold(f64::INFINITY, f64::min);
+        Ok((median(us), min))
+    };
+    let mut rows = Vec::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(0x6b65726e);
+
+    // The ceiling: a device-to-device copy well past the L2 cache, bytes read + written.
+    let copy_len = (64usize << 20).max(args.params);
+    let src: CudaSlice<f32> = gpu.upload(&random(&mut rng, copy_len))?;
+    let mut dst: CudaSlice<f32> = gpu.zeros(copy_len)?;
+    let (median_us, min_us) = time(&mut || Ok(gpu.stream().memcpy_dtod(&src, &mut dst)?))?;
+    rows.push(Row {
+        name: "device-to-device copy",
+        size: format!("{} MiB", (copy_len * 4) >> 20),
+        median_us,
+        min_us,
+        bytes: Some(8.0 * copy_len as f64),
+        flops: None,
+    });
+    drop((src, dst));
+
+    let p = args.params;
+    let size = format!("{p} params");
+    let g1 = gpu.upload(&random(&mut rng, p))?;
+    let g2 = gpu.upload(&random(&mut rng, p))?;
+    let mut params = gpu.upload(&random(&mut rng, p))?;
+    let mut momentum = gpu.upload(&random(&mut rng, p))?;
+    let mut combined: CudaSlice<f32> = gpu.zeros(p)?;
+    let mut dots: CudaSlice<f64> = gpu.zeros(3)?;
+    let u = SgdUpdate {
+        alpha: 0.9,
+        beta: 1.1,
+        lr: 1e-3,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+    };
+    let (v1, v2) = (g1.as_view(), g2.as_view());
+    let mut dots_view = dots.as_view_mut();
+    let (median_us, min_us) = time(&mut || gpu.grad_dots_to(&v1, &v2, &mut dots_view))?;
+    rows.push(Row {
+        name: "AGS grad_dots (f64 reduction)",
+        size: size.clone(),
+        median_us,
+        min_us,
+        bytes: Some(8.0 * p as f64),
+        flops: None,
+    });
+    let (mut pv, mut mv) = (params.as_view_mut(), momentum.as_view_mut());
+    let (median_us, min_us) = time(&mut || gpu.sgd_step(&u, &v1, &v2, &mut pv, &mut mv))?;
+    rows.push(Row {
+        name: "AGS + SGD fused update",
+        size: size.clone(),
+        median_us,
+        min_us,
+        bytes: Some(24.0 * p as f64),
+        flops: None,
+    });
+    let (median_us, min_us) = time(&mut || {
+        gpu.grad_dots_to(&v1, &v2, &mut dots_view)?;
+        gpu.sgd_step(&u, &v1, &v2, &mut pv, &mut mv)
+    })?;
+    rows.push(Row {
+        name: "AGS step: grad_dots + update",
+        size: size.clone(),
+        median_us,
+        min_us,
+        bytes: Some(32.0 * p as f64),
+        flops: None,
+    });
+    let mut cv = combined.as_view_mut();
+    let (median_us, min_us) = time(&mut || gpu.combine_grads(&v1, &v2, 0.9, 1.1, &mut cv))?;
+    rows.push(Row {
+        name: "combine_grads",
+        size,
+        median_us,
+        min_us,
+        bytes: Some(12.0 * p as f64),
+        flops: None,
+    });
+
+    let pair = ViewPair {
+        dim: args.dim,
+        n: args.n,
+    };
+    let len = args.dim * args.n;
+    let size = format!("2n={} x {}", 2 * args.n, args.dim);
+    let z_i = gpu.upload(&random(&mut rng, len))?;
+    let z_j = gpu.upload(&random(&mut rng, len))?;
+    let (zi, zj) = (z_i.as_view(), z_j.as_view());
+    let mut dz_i: CudaSlice<f32> = gpu.zeros(len)?;
+    let mut dz_j: CudaSlice<f32> = gpu.zeros(len)?;
+    let mut loss: CudaSlice<f32> = gpu.zeros(1)?;
+    let (mut di, mut dj, mut lv) = (dz_i.as_view_mut(), dz_j.as_view_mut(), loss.as_view_mut());
+    let m = 2.0 * args.n as f64;
+    let (median_us, min_us) =
+        time(&mut || gpu.ntxent_to(&pair, &zi, &zj, 0.07, &mut di, &mut dj, &mut lv))?;
+    rows.push(Row {
+        name: "NT-Xent loss + grad (3 kernels, 3 sgemm)",
+        size: size.clone(),
+        median_us,
+        min_us,
+        bytes: None,
+        flops: Some(6.0 * m * m * args.dim as f64),
+    });
+    let (median_us, min_us) =
+        time(&mut || gpu.cohesion_to(&pair, &zi, &zj, 0.07, &mut di, &mut dj, &mut lv))?;
+    rows.push(Row {
+        name: "cohesion loss + grad (3 kernels)",
+        size,
+        median_us,
+        min_us,
+        bytes: None,
+        flops: None,
+    });
+
+    let copy_gbs = rows[0].bytes.expect("copy bytes") / rows[0].median_us / 1e3;
+    println!(
+        "{:<42} {:>22} {:>10} {:>10} {:>10} {:>9} {:>10}",
+        "op", "size", "median us", "min us", "GB/s", "% copy", "GFLOP/s"
+    );
+    for row in &rows {
+        let gbs = row.bytes.map(|b| b / row.median_us / 1e3);
+        let cell =
+            |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+        println!(
+            "{:<42} {:>22} {:>10.1} {:>10.1} {:>10} {:>9} {:>10}",
+            row.name,
+            row.size,
+            row.median_us,
+            row.min_us,
+            cell(gbs, 0),
+            cell(gbs.map(|g| 100.0 * g / copy_gbs), 1),
+            cell(row.flops.map(|f| f / row.median_us / 1e3), 0),
+        );
+    }
+    println!(
+        "GB/s counts the bytes each pass must move (every input read once, every output written \
+         once); the copy counts bytes read + written."
+    );
+    Ok(())
+}

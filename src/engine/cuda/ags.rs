@@ -1,0 +1,137 @@
+//! Adaptive gradient surgery and SGD on the GPU (kernels/ags.cu): one f64 reduction pass for
+//! the three inner products, one fused elementwise pass for `alpha g1 + beta g2` and the
+//! optimizer. Same meaning as the [`crate::engine::Engine`] methods of the same names.
+
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::gpu::{AGS_DOTS_BLOCK, AGS_DOTS_GRID, Gpu, check_len};
+use crate::engine::{GradDots, SgdUpdate};
+
+impl Gpu {
+    /// `g1 . g2`, `|g1|^2`, `|g2|^2` in one pass, accumulated in f64. Deterministic: the
+    /// same inputs (values and alignment) give the same bits on every run and every GPU.
+    pub fn grad_dots(&self, g1: &CudaView<'_, f32>, g2: &CudaView<'_, f32>) -> Result<GradDots> {
+        let mut scratch = self.scratch();
+        let scratch = &mut *scratch;
+        let mut out = scratch.dots.as_view_mut();
+        self.launch_grad_dots(g1, g2, &mut scratch.partials, &mut out)?;
+        let [g1g2, g1g1, g2g2]: [f64; 3] = self
+            .stream
+            .clone_dtoh(&scratch.dots)?
+            .try_into()
+            .expect("three values");
+        Ok(GradDots { g1g2, g1g1, g2g2 })
+    }
+
+    /// [`Gpu::grad_dots`] without the download: queues the two kernels, which write
+    /// `{g1.g2, |g1|^2, |g2|^2}` into `out` (3 values) on the device.
+    pub fn grad_dots_to(
+        &self,
+        g1: &CudaView<'_, f32>,
+        g2: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, f64>,
+    ) -> Result<()> {
+        let mut scratch = self.scratch();
+        self.launch_grad_dots(g1, g2, &mut scratch.partials, out)
+    }
+
+    fn launch_grad_dots(
+        &self,
+        g1: &CudaView<'_, f32>,
+        g2: &CudaView<'_, f32>,
+        partials: &mut CudaSlice<f64>,
+        out: &mut CudaViewMut<'_, f64>,
+    ) -> Result<()> {
+        check_len("second gradient", g2.len(), g1.len())?;
+        check_len("inner products", out.len(), 3)?;
+        let n = g1.len() as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (AGS_DOTS_GRID, 1, 1),
+            block_dim: (AGS_DOTS_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types, sizes and the launch shapes follow kernels/ags.cu's contract
+        // (partials holds 3 * AGS_DOTS_GRID values).
+        unsafe {
+            self.stream
+                .launch_builder(&self.ags.dots_partial)
+                .arg(g1)
+                .arg(g2)
+                .arg(&n)
+                .arg(&mut *partials)
+                .launch(cfg)?;
+            self.stream
+                .launch_builder(&self.ags.dots_finalize)
+                .arg(&*partials)
+                .arg(&AGS_DOTS_GRID)
+                .arg(out)
+                .launch(LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    ..cfg
+                })?;
+        }
+        Ok(())
+    }
+
+    /// `out = alpha g1 + beta g2`, bit-identical to the CPU engine.
+    pub fn combine_grads(
+        &self,
+        g1: &CudaView<'_, f32>,
+        g2: &CudaView<'_, f32>,
+        alpha: f32,
+        beta: f32,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        check_len("second gradient", g2.len(), g1.len())?;
+        check_len("combined gradient", out.len(), g1.len())?;
+        let n = g1.len() as u64;
+        // SAFETY: three buffers of n values, as kernels/ags.cu's contract asks.
+        unsafe {
+            self.stream
+                .launch_builder(&self.ags.combine)
+                .arg(g1)
+                .arg(g2)
+                .arg(out)
+                .arg(&n)
+                .arg(&alpha)
+                .arg(&beta)
+                .launch(Gpu::elementwise_grid(g1.len(), self.ags.combine_grid))?;
+        }
+        Ok(())
+    }
+
+    /// The fused surgery + SGD pass of [`SgdUpdate`] over the flat parameter and momentum
+    /// buffers, in place; bit-identical to the CPU engine.
+    pub fn sgd_step(
+        &self,
+        u: &SgdUpdate,
+        g1: &CudaView<'_, f32>,
+        g2: &CudaView<'_, f32>,
+        params: &mut CudaViewMut<'_, f32>,
+        momentum: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let n = params.len();
+        check_len("first gradient", g1.len(), n)?;
+        check_len("second gradient", g2.len(), n)?;
+        check_len("momentum", momentum.len(), n)?;
+        let len = n as u64;
+        // SAFETY: four buffers of n values, as kernels/ags.cu's contract asks.
+        unsafe {
+            self.stream
+                .launch_builder(&self.ags.sgd_step)
+                .arg(g1)
+                .arg(g2)
+                .arg(params)
+                .arg(momentum)
+                .arg(&len)
+                .arg(&u.alpha)
+                .arg(&u.beta)
+                .arg(&u.lr)
+                .arg(&u.momentum)
+                .arg(&u.weight_decay)
+                .launch(Gpu::elementwise_grid(n, self.ags.sgd_step_grid))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,372 @@
+//! The CUDA runtime: one device, its context, one stream, cuBLAS, and the embedded kernels
+//! loaded once.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::{Result, ensure};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DriverError,
+    LaunchConfig,
+};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+
+use super::{KernelFile, kernel_file};
+
+/// Why [`Gpu::new`] failed. The first two mean "no GPU here"; the others, a broken setup.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "no CUDA driver: libcuda.so could not be loaded (the CUDA engine needs an NVIDIA GPU \
+         and its driver; use the CPU engine instead)"
+    )]
+    NoDriver,
+    #[error("no usable CUDA device {ordinal}: {source}")]
+    NoDevice { ordinal: usize, source: DriverError },
+    #[error(
+        "cuBLAS could not be loaded (libcublas.so, from the CUDA toolkit or the nvidia-cublas wheel): put it on LD_LIBRARY_PATH"
+    )]
+    NoCublas,
+    #[error(
+        "kernels/{file}.cu has no fatbin in this binary (built without nvcc) and NVRTC \
+         (libnvrtc.so) could not be loaded to compile it"
+    )]
+    NoNvrtc { file: &'static str },
+    #[error("NVRTC failed to compile kernels/{file}.cu: {log}")]
+    Compile { file: &'static str, log: String },
+    #[error("CUDA driver call failed while {what}: {source}")]
+    Driver { what: String, source: DriverError },
+    #[error("cuBLAS failed to start: {0}")]
+    Cublas(#[from] cudarc::cublas::result::CublasError),
+}
+
+impl GpuError {
+    /// True when the machine simply has no GPU (no driver library, or no device).
+    pub fn is_no_gpu(&self) -> bool {
+        matches!(self, GpuError::NoDriver | GpuError::NoDevice { .. })
+    }
+}
+
+fn driver(what: impl Into<String>) -> impl FnOnce(DriverError) -> GpuError {
+    move |source| GpuError::Driver {
+        what: what.into(),
+        source,
+    }
+}
+
+/// Where a kernel file's code came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The nvcc fatbin embedded at build time.
+    Fatbin,
+    /// Compiled at start with NVRTC from the embedded source.
+    Nvrtc,
+}
+
+/// Grid of `ags_dots_partial`: a constant, so that the reduction's order, and therefore its
+/// result, is the same on every GPU (see kernels/ags.cu).
+pub(super) const AGS_DOTS_GRID: u32 = 1024;
+/// `AGS_DOTS_BLOCK` of kernels/ags.cu.
+pub const AGS_DOTS_BLOCK: u32 = 256;
+/// `AGS_UPDATE_BLOCK` of kernels/ags.cu.
+pub const AGS_UPDATE_BLOCK: u32 = 256;
+/// `LOSS_BLOCK` of kernels/loss.cu.
+pub const LOSS_BLOCK: u32 = 256;
+/// `LOSS_COLS` of kernels/loss.cu: samples per block of its column kernels.
+pub const LOSS_COLS: u32 = 8;
+
+/// The functions of kernels/ags.cu, and the resident grid (blocks per multiprocessor at
+/// `AGS_UPDATE_BLOCK` threads, times the multiprocessors) of each elementwise one.
+pub(super) struct AgsKernels {
+    pub dots_partial: CudaFunction,
+    pub dots_finalize: CudaFunction,
+    pub sgd_step: CudaFunction,
+    pub sgd_step_grid: u32,
+    pub combine: CudaFunction,
+    pub combine_grid: u32,
+}
+
+/// The functions of kernels/loss.cu.
+pub(super) struct LossKernels {
+    pub normalize: CudaFunction,
+    pub ntxent_softmax: CudaFunction,
+    pub ntxent_backward: CudaFunction,
+    pub cohesion_rowsum: CudaFunction,
+    pub cohesion_backward: CudaFunction,
+}
+
+/// Device scratch reused across calls: the AGS partial sums, the host-facing results, and the
+/// loss intermediates for the last batch shape.
+pub(super) struct Scratch {
+    /// `3 * AGS_DOTS_GRID` partial sums of `ags_dots_partial`.
+    pub partials: CudaSlice<f64>,
+    /// `{g1.g2, |g1|^2, |g2|^2}` for [`Gpu::grad_dots`].
+    pub dots: CudaSlice<f64>,
+    /// The loss for [`Gpu::ntxent`] and [`Gpu::cohesion`].
+    pub loss: CudaSlice<f32>,
+    /// The losses' intermediates, allocated for the last batch shape.
+    pub losses: Option<super::loss::LossScratch>,
+}
+
+/// One CUDA device with its context, a stream every op is queued on (in order), a cuBLAS
+/// handle on that stream, and the embedded kernels, loaded once.
+///
+/// Ops take cudarc buffers and views ([`CudaSlice`], [`CudaView`], `CudaViewMut`) and are
+/// asynchronous unless they return a host value. Errors of a kernel that faults show up at
+/// the next call that waits for the device (a download, [`Gpu::synchronize`]).
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) blas: CudaBlas,
+    name: String,
+    compute_capability: (i32, i32),
+    sm_count: u32,
+    sources: Vec<(&'static str, KernelSource)>,
+    pub(super) ags: AgsKernels,
+    pub(super) loss: LossKernels,
+    scratch: Mutex<Scratch>,
+}
+
+impl Gpu {
+    /// Opens CUDA device `ordinal`. Never panics: without the driver library, without a
+    /// device, without cuBLAS, or when a kernel cannot be loaded, returns an error that says
+    /// which.
+    pub fn new(ordinal: usize) -> Result<Gpu, GpuError> {
+        // SAFETY: only tries to load the library; touches no CUDA state. cudarc panics on the
+        // first driver call when the library is missing, so this check comes first.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver);
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|source| GpuError::NoDevice { ordinal, source })?;
+        // SAFETY: as above, for cuBLAS.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(GpuError::NoCublas);
+        }
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone())?;
+        let name = ctx.name().map_err(driver("reading the device name"))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(driver("reading the compute capability"))?;
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("reading the multiprocessor count"))?;
+
+        let mut sources = Vec::new();
+        let mut module = |name: &'static str| -> Result<Arc<CudaModule>, GpuError> {
+            let file = kernel_file(name).expect("build.rs embeds every kernels/*.cu");
+            let (module, source) = load_module(&ctx, file, compute_capability)?;
+            sources.push((name, source));
+            Ok(module)
+        };
+        let function = |module: &Arc<CudaModule>, name: &str| {
+            module
+                .load_function(name)
+                .map_err(driver(format!("loading kernel {name}")))
+        };
+        let sm_count = sm_count.max(1) as u32;
+        let resident = |f: &CudaFunction| {
+            f.occupancy_max_active_blocks_per_multiprocessor(AGS_UPDATE_BLOCK, 0, None)
+                .map(|blocks| blocks.max(1) * sm_count)
+                .map_err(driver("reading a kernel's occupancy"))
+        };
+        let m = module("ags")?;
+        let (sgd_step, combine) = (function(&m, "ags_sgd_step")?, function(&m, "ags_combine")?);
+        let ags = AgsKernels {
+            dots_partial: function(&m, "ags_dots_partial")?,
+            dots_finalize: function(&m, "ags_dots_finalize")?,
+            sgd_step_grid: resident(&sgd_step)?,
+            sgd_step,
+            combine_grid: resident(&combine)?,
+            combine,
+        };
+        let m = module("loss")?;
+        let loss = LossKernels {
+            normalize: function(&m, "loss_normalize")?,
+            ntxent_softmax: function(&m, "ntxent_softmax")?,
+            ntxent_backward: function(&m, "ntxent_backward")?,
+            cohesion_rowsum: function(&m, "cohesion_rowsum")?,
+            cohesion_backward: function(&m, "cohesion_backward")?,
+        };
+
+        let alloc = "allocating scratch buffers";
+        let scratch = Scratch {
+            partials: stream
+                .alloc_zeros(3 * AGS_DOTS_GRID as usize)
+                .map_err(driver(alloc))?,
+            dots: stream.alloc_zeros(3).map_err(driver(alloc))?,
+            loss: stream.alloc_zeros(1).map_err(driver(alloc))?,
+            losses: None,
+        };
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            name,
+            compute_capability,
+            sm_count,
+            sources,
+            ags,
+            loss,
+            scratch: Mutex::new(scratch),
+        })
+    }
+
+    /// The device's name, e.g. "NVIDIA H200".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// (major, minor), e.g. (9, 0).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// Each kernel file and whether it came from the embedded fatbin or NVRTC.
+    pub fn kernel_sources(&self) -> &[(&'static str, KernelSource)] {
+        &self.sources
+    }
+
+    /// The driver's CUDA version, e.g. (13, 0).
+    pub fn driver_version(&self) -> Result<(i32, i32)> {
+        let mut v = 0;
+        // SAFETY: writes one int; the driver library is loaded (a Gpu exists).
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }.result()?;
+        Ok((v / 1000, (v % 1000) / 10))
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// A zero-filled device buffer.
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        Ok(self.stream.alloc_zeros(len)?)
+    }
+
+    /// A device copy of `host`.
+    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        Ok(self.stream.clone_htod(host)?)
+    }
+
+    /// A host copy of `src`; waits for the work queued before it.
+    pub fn download<T: cudarc::driver::DeviceRepr>(&self, src: &CudaView<'_, T>) -> Result<Vec<T>> {
+        Ok(self.stream.clone_dtoh(src)?)
+    }
+
+    /// Waits for every queued op; reports a kernel fault as an error.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Milliseconds of device time that the work `f` queues takes, measured with CUDA events
+    /// recorded before and after it on the stream.
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let timed = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.ctx.new_event(timed)?;
+        let end = self.ctx.new_event(timed)?;
+        start.record(&self.stream)?;
+        f()?;
+        end.record(&self.stream)?;
+        Ok(start.elapsed_ms(&end)?)
+    }
+
+    pub(super) fn scratch(&self) -> MutexGuard<'_, Scratch> {
+        // A panic while holding it leaves only device buffers, which stay valid.
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks for an elementwise pass over `n` values: enough for one float4 per thread,
+    /// capped at the kernel's resident grid `max_blocks` (one wave; the grid-stride loop does
+    /// the rest).
+    pub(super) fn elementwise_grid(n: usize, max_blocks: u32) -> LaunchConfig {
+        let per_block = 4 * AGS_UPDATE_BLOCK as usize;
+        let blocks = n.div_ceil(per_block).clamp(1, max_blocks as usize);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (AGS_UPDATE_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// Fails unless `got == want`, naming the buffer.
+pub(super) fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    ensure!(got == want, "{what}: expected {want} values, got {got}");
+    Ok(())
+}
+
+/// The kernel file's embedded fatbin, else its source compiled with NVRTC for this device.
+fn load_module(
+    ctx: &Arc<CudaContext>,
+    file: &'static KernelFile,
+    (major, minor): (i32, i32),
+) -> Result<(Arc<CudaModule>, KernelSource), GpuError> {
+    let (ptx, source) = match file.fatbin {
+        Some(fatbin) => (Ptx::from_binary(fatbin.to_vec()), KernelSource::Fatbin),
+        None => {
+            // SAFETY: only tries to load the library (cudarc panics on a missing one).
+            if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                return Err(GpuError::NoNvrtc { file: file.name });
+            }
+            let opts = CompileOptions {
+                options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+                ..Default::default()
+            };
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(file.source, opts).map_err(|e| {
+                let log = match e {
+                    CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+                    other => other.to_string(),
+                };
+                GpuError::Compile {
+                    file: file.name,
+                    log,
+                }
+            })?;
+            (ptx, KernelSource::Nvrtc)
+        }
+    };
+    let module = ctx
+        .load_module(ptx)
+        .map_err(driver(format!("loading kernels/{}.cu", file.name)))?;
+    Ok((module, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a GPU every entry point fails through `Gpu::new` with a clear error (and no
+    /// panic); with one, a device that does not exist is reported as such.
+    #[test]
+    fn gpu_new_reports_a_missing_gpu_clearly() {
+        // SAFETY: only tries to load the library.
+        let driver_present = unsafe { cudarc::driver::sys::is_culib_present() };
+        let err = match Gpu::new(if driver_present { 1 << 20 } else { 0 }) {
+            Ok(gpu) => panic!("device 2^20 opened: {}", gpu.name()),
+            Err(err) => err,
+        };
+        assert!(err.is_no_gpu(), "{err}");
+        let msg = err.to_string();
+        if driver_present {
+            assert!(matches!(err, GpuError::NoDevice { .. }), "{msg}");
+            assert!(msg.contains("no usable CUDA device 1048576"), "{msg}");
+        } else {
+            assert!(matches!(err, GpuError::NoDriver), "{msg}");
+            assert!(
+                msg.contains("libcuda.so") && msg.contains("CPU engine"),
+                "{msg}"
+            );
+            println!("no GPU here, as expected: {msg}");
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The two task losses on the GPU (kernels/loss.cu, with cuBLAS for NT-Xent's two products).
+//! Same meaning as the [`crate::engine::Engine`] methods of the same names: feature-major
+//! `[dim, n]` views in, the loss out, `dz_i`, `dz_j` written.
+
+use anyhow::{Result, ensure};
+use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::gpu::{Gpu, LOSS_BLOCK, LOSS_COLS, check_len};
+use crate::engine::ViewPair;
+
+/// Intermediates of both losses for one batch shape (see kernels/loss.cu for the layouts).
+pub(super) struct LossScratch {
+    pair: ViewPair,
+    /// Normalized rows, feature-major `[dim, m]` (the column-major `m x dim` matrix F).
+    f: CudaSlice<f32>,
+    /// `max(|z_a|, 1e-12)` per column.
+    norm: CudaSlice<f64>,
+    /// `F F^T`, `m x m`.
+    sim: CudaSlice<f32>,
+    /// NT-Xent's `dL/dS`, row-major `m x m`.
+    grad: CudaSlice<f32>,
+    /// `dL/dF`, feature-major `[dim, m]`.
+    df: CudaSlice<f32>,
+    /// NT-Xent's per-row terms.
+    row_loss: CudaSlice<f64>,
+    /// Cohesion's column sum `s`, `[dim]`.
+    colsum: CudaSlice<f64>,
+    /// Cohesion's `[s_k^2 | sum_a f[k, a]^2]`, `[2 dim]`.
+    stats: CudaSlice<f64>,
+}
+
+impl LossScratch {
+    fn new(stream: &std::sync::Arc<CudaStream>, pair: ViewPair) -> Result<Self> {
+        let (m, d) = (2 * pair.n, pair.dim);
+        Ok(Self {
+            pair,
+            f: stream.alloc_zeros(d * m)?,
+            norm: stream.alloc_zeros(m)?,
+            sim: stream.alloc_zeros(m * m)?,
+            grad: stream.alloc_zeros(m * m)?,
+            df: stream.alloc_zeros(d * m)?,
+            row_loss: stream.alloc_zeros(m)?,
+            colsum: stream.alloc_zeros(d)?,
+            stats: stream.alloc_zeros(2 * d)?,
+        })
+    }
+}
+
+fn blocks(grid: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid as u32, 1, 1),
+        block_dim: (LOSS_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Checks the shapes as the CPU engine does, and that they fit the kernels' 32-bit indices
+/// and cuBLAS's int dimensions. Returns `(n, dim)` as u32.
+fn check_pair(
+    s: &ViewPair,
+    z_i: &CudaView<'_, f32>,
+    z_j: &CudaView<'_, f32>,
+    dz_i: &CudaViewMut<'_, f32>,
+    dz_j: &CudaViewMut<'_, f32>,
+) -> Result<(u32, u32)> {
+    ensure!(s.n > 0 && s.dim > 0, "loss over an empty batch");
+    ensure!(
+        2 * s.n <= i32::MAX as usize && s.dim <= i32::MAX as usize,
+        "loss batch too large for the CUDA kernels: n = {}, dim = {}",
+        s.n,
+        s.dim
+    );
+    for (what, len) in [
+        ("z_i", z_i.len()),
+        ("z_j", z_j.len()),
+        ("dz_i", dz_i.len()),
+        ("dz_j", dz_j.len()),
+    ] {
+        check_len(what, len, s.dim * s.n)?;
+    }
+    Ok((s.n as u32, s.dim as u32))
+}
+
+impl Gpu {
+    /// NT-Xent over the `2n` rows `[z_i; z_j]` at temperature `t`: returns the loss (waiting
+    /// for the device) and writes `dz_i`, `dz_j`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ntxent(
+        &self,
+        s: &ViewPair,
+        z_i: &CudaView<'_, f32>,
+        z_j: &CudaView<'_, f32>,
+        t: f32,
+        dz_i: &mut CudaViewMut<'_, f32>,
+        dz_j: &mut CudaViewMut<'_, f32>,
+    ) -> Result<f32> {
+        let mut scratch = self.scratch();
+        let scratch = &mut *scratch;
+        let mut loss = scratch.loss.as_view_mut();
+        let ws = self.loss_scratch(&mut scratch.losses, s)?;
+        self.launch_ntxent(ws, s, z_i, z_j, t, dz_i, dz_j, &mut loss)?;
+        Ok(self.stream.clone_dtoh(&scratch.loss)?[0])
+    }
+
+    /// [`Gpu::ntxent`] without the download: the loss is written into `loss` (1 value) on
+    /// the device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ntxent_to(
+        &self,
+        s: &ViewPair,
+        z_i: &CudaView<'_, f32>,
+        z_j: &CudaView<'_, f32>,
+        t: f32,
+        dz_i: &mut CudaViewMut<'_, f32>,
+        dz_j: &mut CudaViewMut<'_, f32>,
+        loss: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let mut scratch = self.scratch();
+        let ws = self.loss_scratch(&mut scratch.losses, s)?;
+        self.launch_ntxent(ws, s, z_i, z_j, t, dz_i, dz_j, loss)
+    }
+
+    /// Cohesion over the `m = 2n` normalized rows `[z_i; z_j]` at temperature `t`:
+    /// `(1 - mean_{a != b} f_a . f_b) / T`. Returns the loss (waiting for the device) and
+    /// writes `dz_i`, `dz_j`; linear in `m`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cohesion(
+        &self,
+        s: &ViewPair,
+        z_i: &CudaView<'_, f32>,
+        z_j: &CudaView<'_, f32>,
+        t: f32,
+        dz_i: &mut CudaViewMut<'_, f32>,
+        dz_j: &mut CudaViewMut<'_, f32>,
+    ) -> Result<f32> {
+        let mut scratch = self.scratch();
+        let scratch = &mut *scratch;
+        let mut loss = scratch.loss.as_view_mut();
+        let ws = self.loss_scratch(&mut scratch.losses, s)?;
+        self.launch_cohesion(ws, s, z_i, z_j, t, dz_i, dz_j, &mut loss)?;
+        Ok(self.stream.clone_dtoh(&scratch.loss)?[0])
+    }
+
+    /// [`Gpu::cohesion`] without the download: the loss is written into `loss` (1 value) on
+    /// the device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cohesion_to(
+        &self,
+        s: &ViewPair,
+        z_i: &CudaView<'_, f32>,
+        z_j: &CudaView<'_, f32>,
+        t: f32,
+        dz_i: &mut CudaViewMut<'_, f32>,
+        dz_j: &mut CudaViewMut<'_, f32>,
+        loss: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let mut scratch = self.scratch();
+        let ws = self.loss_scratch(&mut scratch.losses, s)?;
+        self.launch_cohesion(ws, s, z_i, z_j, t, dz_i, dz_j, loss)
+    }
+
+    /// The scratch for shape `s`, reallocated when the shape changes.
+    fn loss_scratch<'a>(
+        &self,
+        slot: &'a mut Option<LossScratch>,
+        s: &ViewPair,
+    ) -> Result<&'a mut LossScratch> {
+        if slot.as_ref().is_none_or(|ws| ws.pair != *s) {
+            *slot = None;
+            *slot = Some(LossScratch::new(&self.stream, *s)?);
+        }
+        Ok(slot.as_mut().expect("just set"))
+    }
+
+    /// `f = z / max(|z|, 1e-12)` and the norms, into the scratch.
+    fn launch_normalize(
+        &self,
+        ws: &mut LossScratch,
+        (n, dim): (u32, u32),
+        z_i: &CudaView<'_, f32>,
+        z_j: &CudaView<'_, f32>,
+    ) -> Result<()> {
+        // SAFETY: shapes checked by check_pair; scratch sized for them (kernels/loss.cu).
+        unsafe {
+            self.stream
+                .launch_builder(&self.loss.normalize)
+                .arg(z_i)
+                .arg(z_j)
+                .arg(&n)
+                .arg(&dim)
+                .arg(&mut ws.f)
+                .arg(&mut ws.norm)
+                .launch(blocks((2 * n).div_ceil(LOSS_COLS) as usize))?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_ntxent(
+        &self,
+        ws: &mut LossScratch,
+        s: &ViewPair,
+        z_i: &CudaView<'_, f32>,
+        z_j: &CudaView<'_, f32>,
+        t: f32,
+        dz_i: &mut CudaViewMut<'_, f32>,
+        dz_j: &mut CudaViewMut<'_, f32>,
+        loss: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (n, dim) = check_pair(s, z_i, z_j, dz_i, dz_j)?;
+        check_len("loss", loss.len(), 1)?;
+        ensure!(t > 0.0, "temperature must be positive, got {t}");
+        self.launch_normalize(ws, (n, dim), z_i, z_j)?;
+        let (m, d) = (2 * n as i32, dim as i32);
+        let inv_t = 1.0 / t as f64;
+        // Column-major, F is m x d with leading dimension m (the [dim, m] scratch).
+        // sim = F F^T.
+        let sim = GemmConfig {
+            transa: CUBLAS_OP_N,
+            transb: CUBLAS_OP_T,
+            m,
+            n: m,
+            k: d,
+            alpha: 1.0f32,
+            lda: m,
+            ldb: m,
+            beta: 0.0,
+            ldc: m,
+        };
+        // SAFETY: every matrix lies inside its scratch buffer (m*d, m*m, m*m, m*d values).
+        unsafe { self.blas.gemm(sim, &ws.f, &ws.f, &mut ws.sim) }?;
+        // SAFETY: as in launch_normalize.
+        unsafe {
+            self.stream
+                .launch_builder(&self.loss.ntxent_softmax)
+                .arg(&ws.sim)
+                .arg(&n)
+                .arg(&inv_t)
+                .arg(&mut ws.grad)
+                .arg(&mut ws.row_loss)
+                .launch(blocks(2 * n as usize))?;
+        }
+        // df = (G + G^T) F / T in two products: the row-major G is the column-major G^T, so
+        // op N reads G^T and op T reads G.
+        let dgrad = |transa, beta| GemmConfig {
+            transa,
+            transb: CUBLAS_OP_N,
+            m,
+            n: d,
+            k: m,
+            alpha: inv_t as f32,
+            lda: m,
+            ldb: m,
+            beta,
+            ldc: m,
+        };
+        // SAFETY: as for sim.
+        unsafe {
+            self.blas
+                .gemm(dgrad(CUBLAS_OP_N, 0.0), &ws.grad, &ws.f, &mut ws.df)?;
+            self.blas
+                .gemm(dgrad(CUBLAS_OP_T, 1.0), &ws.grad, &ws.f, &mut ws.df)?;
+        }
+        // SAFETY: as in launch_normalize.
+        unsafe {
+            self.stream
+                .launch_builder(&self.loss.ntxent_backward)
+                .arg(&ws.f)
+                .arg(&ws.norm)
+                .arg(&ws.df)
+                .arg(&ws.row_loss)
+                .arg(&n)
+                .arg(&dim)
+                .arg(dz_i)
+                .arg(dz_j)
+                .arg(loss)
+                .launch(blocks((2 * n).div_ceil(LOSS_COLS) as usize))?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_cohesion(
+        &self,
+        ws: &mut LossScratch,
+        s: &ViewPair,
+        z_i: &CudaView<'_, f32>,
+        z_j: &CudaView<'_, f32>,
+        t: f32,
+        dz_i: &mut CudaViewMut<'_, f32>,
+        dz_j: &mut CudaViewMut<'_, f32>,
+        loss: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (n, dim) = check_pair(s, z_i, z_j, dz_i, dz_j)?;
+        check_len("loss", loss.len(), 1)?;
+        ensure!(t > 0.0, "temperature must be positive, got {t}");
+        self.launch_normalize(ws, (n, dim), z_i, z_j)?;
+        let t = t as f64;
+        let warps = LOSS_BLOCK / 32;
+        // SAFETY: as in launch_normalize.
+        unsafe {
+            self.stream
+                .launch_builder(&self.loss.cohesion_rowsum)
+                .arg(&ws.f)
+                .arg(&n)
+                .arg(&dim)
+                .arg(&mut ws.colsum)
+                .arg(&mut ws.stats)
+                .launch(blocks(dim.div_ceil(warps) as usize))?;
+            self.stream
+                .launch_builder(&self.loss.cohesion_backward)
+                .arg(&ws.f)
+                .arg(&ws.norm)
+                .arg(&ws.colsum)
+                .arg(&ws.stats)
+                .arg(&n)
+                .arg(&dim)
+                .arg(&t)
+                .arg(dz_i)
+                .arg(dz_j)
+                .arg(loss)
+                .launch(blocks((2 * n).div_ceil(LOSS_COLS) as usize))?;
+        }
+        Ok(())
+    }
+}
