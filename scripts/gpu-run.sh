@@ -94,8 +94,12 @@ BENCH_RC=$?
 {
     echo
     echo "==== GPU check summary ===="
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 |
-        sed 's/^/card:   /'
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 |
+            sed 's/^/card:   /'
+    else
+        echo "card:   unknown (no nvidia-smi on this machine)"
+    fi
     sed -n '1p' "$HERE/BUILD_INFO" | sed 's/^/build:  /'
     grep -E '^lib(cuda|cublas):' "$INFO" | sed 's/^/        /'
     for name in cuda_kernels lib; do
