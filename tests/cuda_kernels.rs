@@ -11,7 +11,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::{CpuEngine, grad_dots};
 use slam_ags::engine::cuda::{
-    AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, KERNEL_FILES, LOSS_BLOCK, LOSS_COLS, kernel_file,
+    AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, KERNEL_FILES, LOSS_BLOCK, LOSS_COLS, PairLoss,
+    kernel_file,
 };
 use slam_ags::engine::{Engine, GradDots, SgdUpdate, ViewPair};
 
@@ -291,12 +292,6 @@ fn combine_grads_matches_cpu_twin_bit_for_bit() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Loss {
-    NtXent,
-    Cohesion,
-}
-
 /// Loss shapes `(n, dim)`: 2n from 2 to 400 rows (partial blocks of columns, several blocks,
 /// rows longer than a block), dims that are not multiples of the 32 feature groups, and the
 /// reference 2n = 256 rows of 512.
@@ -339,7 +334,7 @@ fn column_err(got: &[f32], want: &[f32], n: usize) -> f64 {
 /// Runs one loss on the GPU (outputs NaN-poisoned first) and returns the loss and gradients.
 fn gpu_loss(
     gpu: &Gpu,
-    loss: Loss,
+    loss: PairLoss,
     s: &ViewPair,
     z: (&CudaSlice<f32>, &CudaSlice<f32>),
     t: f32,
@@ -348,10 +343,7 @@ fn gpu_loss(
     let (mut dz_i, mut dz_j) = (gpu.upload(&poison)?, gpu.upload(&poison)?);
     let (zi, zj) = (z.0.as_view(), z.1.as_view());
     let (mut di, mut dj) = (dz_i.as_view_mut(), dz_j.as_view_mut());
-    let value = match loss {
-        Loss::NtXent => gpu.ntxent(s, &zi, &zj, t, &mut di, &mut dj)?,
-        Loss::Cohesion => gpu.cohesion(s, &zi, &zj, t, &mut di, &mut dj)?,
-    };
+    let value = gpu.pair_loss(loss, s, &zi, &zj, t, &mut di, &mut dj)?;
     Ok((
         value,
         gpu.download(&dz_i.as_view())?,
@@ -359,13 +351,13 @@ fn gpu_loss(
     ))
 }
 
-fn loss_matches_cpu_twin(loss: Loss, seed: u64) -> anyhow::Result<()> {
+fn loss_matches_cpu_twin(loss: PairLoss, seed: u64) -> anyhow::Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let tol = match loss {
         // Both run the softmax in f64; the products (cuBLAS on the GPU) and f are f32.
-        Loss::NtXent => 1e-4,
-        Loss::Cohesion => 1e-5,
+        PairLoss::NtXent => 1e-4,
+        PairLoss::Cohesion => 1e-5,
     };
     for (case, (n, dim)) in LOSS_SHAPES.into_iter().enumerate() {
         let s = ViewPair { dim, n };
@@ -391,8 +383,8 @@ fn loss_matches_cpu_twin(loss: Loss, seed: u64) -> anyhow::Result<()> {
             let (again, ai, aj) = gpu_loss(&gpu, loss, &s, zd, t)?;
             let (mut ci, mut cj) = (vec![0.0; dim * n], vec![0.0; dim * n]);
             let want = match loss {
-                Loss::NtXent => CpuEngine.ntxent(&s, &z_i, &z_j, t, &mut ci, &mut cj)?,
-                Loss::Cohesion => CpuEngine.cohesion(&s, &z_i, &z_j, t, &mut ci, &mut cj)?,
+                PairLoss::NtXent => CpuEngine.ntxent(&s, &z_i, &z_j, t, &mut ci, &mut cj)?,
+                PairLoss::Cohesion => CpuEngine.cohesion(&s, &z_i, &z_j, t, &mut ci, &mut cj)?,
             };
             let loss_err = (got as f64 - want as f64).abs() / (want as f64).abs().max(1.0);
             let grad_err = column_err(&gi, &ci, n).max(column_err(&gj, &cj, n));
@@ -418,12 +410,12 @@ fn loss_matches_cpu_twin(loss: Loss, seed: u64) -> anyhow::Result<()> {
 
 #[test]
 fn ntxent_matches_cpu_twin() -> anyhow::Result<()> {
-    loss_matches_cpu_twin(Loss::NtXent, 0x47e47)
+    loss_matches_cpu_twin(PairLoss::NtXent, 0x47e47)
 }
 
 #[test]
 fn cohesion_matches_cpu_twin() -> anyhow::Result<()> {
-    loss_matches_cpu_twin(Loss::Cohesion, 0xc0e5)
+    loss_matches_cpu_twin(PairLoss::Cohesion, 0xc0e5)
 }
 
 #[test]
@@ -439,7 +431,8 @@ fn gpu_ops_refuse_mismatched_shapes() -> anyhow::Result<()> {
     assert!(err.contains("second gradient"), "{err}");
     let s = ViewPair { dim: 3, n: 2 };
     let err = gpu
-        .cohesion(
+        .pair_loss(
+            PairLoss::Cohesion,
             &s,
             &a.slice(0..6),
             &a.slice(6..12),

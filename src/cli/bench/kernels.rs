@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::median;
-use crate::engine::cuda::Gpu;
+use crate::engine::cuda::{Gpu, PairLoss};
 use crate::engine::{SgdUpdate, ViewPair};
 
 #[derive(Args, Debug)]
@@ -181,8 +181,18 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     let mut loss: CudaSlice<f32> = gpu.zeros(1)?;
     let (mut di, mut dj, mut lv) = (dz_i.as_view_mut(), dz_j.as_view_mut(), loss.as_view_mut());
     let m = 2.0 * args.n as f64;
-    let (median_us, min_us) =
-        time(&mut || gpu.ntxent_to(&pair, &zi, &zj, 0.07, &mut di, &mut dj, &mut lv))?;
+    let (median_us, min_us) = time(&mut || {
+        gpu.pair_loss_to(
+            PairLoss::NtXent,
+            &pair,
+            &zi,
+            &zj,
+            0.07,
+            &mut di,
+            &mut dj,
+            &mut lv,
+        )
+    })?;
     rows.push(Row {
         name: "NT-Xent loss + grad (3 kernels, 3 sgemm)",
         size: size.clone(),
@@ -191,8 +201,18 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         bytes: None,
         flops: Some(6.0 * m * m * args.dim as f64),
     });
-    let (median_us, min_us) =
-        time(&mut || gpu.cohesion_to(&pair, &zi, &zj, 0.07, &mut di, &mut dj, &mut lv))?;
+    let (median_us, min_us) = time(&mut || {
+        gpu.pair_loss_to(
+            PairLoss::Cohesion,
+            &pair,
+            &zi,
+            &zj,
+            0.07,
+            &mut di,
+            &mut dj,
+            &mut lv,
+        )
+    })?;
     rows.push(Row {
         name: "cohesion loss + grad (3 kernels)",
         size,

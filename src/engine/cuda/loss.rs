@@ -83,12 +83,23 @@ fn check_pair(
     Ok((s.n as u32, s.dim as u32))
 }
 
+/// The two losses over a pair of views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairLoss {
+    /// NT-Xent over the `2n` rows `[z_i; z_j]` (each row's partner is its other view).
+    NtXent,
+    /// Cohesion over the `m = 2n` normalized rows: `(1 - mean_{a != b} f_a . f_b) / T`,
+    /// linear in `m`.
+    Cohesion,
+}
+
 impl Gpu {
-    /// NT-Xent over the `2n` rows `[z_i; z_j]` at temperature `t`: returns the loss (waiting
-    /// for the device) and writes `dz_i`, `dz_j`.
+    /// `kind` over the rows `[z_i; z_j]` at temperature `t`: returns the loss (waiting for
+    /// the device) and writes `dz_i`, `dz_j`.
     #[allow(clippy::too_many_arguments)]
-    pub fn ntxent(
+    pub fn pair_loss(
         &self,
+        kind: PairLoss,
         s: &ViewPair,
         z_i: &CudaView<'_, f32>,
         z_j: &CudaView<'_, f32>,
@@ -100,15 +111,16 @@ impl Gpu {
         let scratch = &mut *scratch;
         let mut loss = scratch.loss.as_view_mut();
         let ws = self.loss_scratch(&mut scratch.losses, s)?;
-        self.launch_ntxent(ws, s, z_i, z_j, t, dz_i, dz_j, &mut loss)?;
+        self.launch_pair_loss(kind, ws, s, z_i, z_j, t, dz_i, dz_j, &mut loss)?;
         Ok(self.stream.clone_dtoh(&scratch.loss)?[0])
     }
 
-    /// [`Gpu::ntxent`] without the download: the loss is written into `loss` (1 value) on
-    /// the device.
+    /// [`Gpu::pair_loss`] without the download: the loss is written into `loss` (1 value)
+    /// on the device, so nothing waits.
     #[allow(clippy::too_many_arguments)]
-    pub fn ntxent_to(
+    pub fn pair_loss_to(
         &self,
+        kind: PairLoss,
         s: &ViewPair,
         z_i: &CudaView<'_, f32>,
         z_j: &CudaView<'_, f32>,
@@ -119,35 +131,14 @@ impl Gpu {
     ) -> Result<()> {
         let mut scratch = self.scratch();
         let ws = self.loss_scratch(&mut scratch.losses, s)?;
-        self.launch_ntxent(ws, s, z_i, z_j, t, dz_i, dz_j, loss)
+        self.launch_pair_loss(kind, ws, s, z_i, z_j, t, dz_i, dz_j, loss)
     }
 
-    /// Cohesion over the `m = 2n` normalized rows `[z_i; z_j]` at temperature `t`:
-    /// `(1 - mean_{a != b} f_a . f_b) / T`. Returns the loss (waiting for the device) and
-    /// writes `dz_i`, `dz_j`; linear in `m`.
     #[allow(clippy::too_many_arguments)]
-    pub fn cohesion(
+    fn launch_pair_loss(
         &self,
-        s: &ViewPair,
-        z_i: &CudaView<'_, f32>,
-        z_j: &CudaView<'_, f32>,
-        t: f32,
-        dz_i: &mut CudaViewMut<'_, f32>,
-        dz_j: &mut CudaViewMut<'_, f32>,
-    ) -> Result<f32> {
-        let mut scratch = self.scratch();
-        let scratch = &mut *scratch;
-        let mut loss = scratch.loss.as_view_mut();
-        let ws = self.loss_scratch(&mut scratch.losses, s)?;
-        self.launch_cohesion(ws, s, z_i, z_j, t, dz_i, dz_j, &mut loss)?;
-        Ok(self.stream.clone_dtoh(&scratch.loss)?[0])
-    }
-
-    /// [`Gpu::cohesion`] without the download: the loss is written into `loss` (1 value) on
-    /// the device.
-    #[allow(clippy::too_many_arguments)]
-    pub fn cohesion_to(
-        &self,
+        kind: PairLoss,
+        ws: &mut LossScratch,
         s: &ViewPair,
         z_i: &CudaView<'_, f32>,
         z_j: &CudaView<'_, f32>,
@@ -156,9 +147,10 @@ impl Gpu {
         dz_j: &mut CudaViewMut<'_, f32>,
         loss: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let mut scratch = self.scratch();
-        let ws = self.loss_scratch(&mut scratch.losses, s)?;
-        self.launch_cohesion(ws, s, z_i, z_j, t, dz_i, dz_j, loss)
+        match kind {
+            PairLoss::NtXent => self.launch_ntxent(ws, s, z_i, z_j, t, dz_i, dz_j, loss),
+            PairLoss::Cohesion => self.launch_cohesion(ws, s, z_i, z_j, t, dz_i, dz_j, loss),
+        }
     }
 
     /// The scratch for shape `s`, reallocated when the shape changes.

@@ -23,6 +23,7 @@ mod loss;
 pub use gpu::{
     AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, GpuError, KernelSource, LOSS_BLOCK, LOSS_COLS,
 };
+pub use loss::PairLoss;
 
 /// One embedded `kernels/<name>.cu`.
 #[derive(Clone, Copy, Debug)]
