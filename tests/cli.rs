@@ -386,18 +386,7 @@ fn pretrain_command_refuses_bad_settings_clearly() {
 
     let ok = [
         &base[..],
-        &[
-            "--arch",
-            "resnet10",
-            "--width",
-            "4",
-            "--out-dim",
-            "8",
-            "--batch",
-            "8",
-            "--crop",
-            "12",
-        ],
+        &common::TINY_RUN_FLAGS,
         &["--epochs", "2", "--warmup-epochs", "1", "--max-steps", "2"],
     ]
     .concat();

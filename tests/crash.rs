@@ -9,26 +9,12 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{arg, random_store};
+use common::{TINY_RUN_FLAGS, arg, random_store};
 use rand::{Rng, SeedableRng};
 use slam_ags::checkpoint::{self, TensorFile};
 
-const SETTINGS: [&str; 14] = [
-    "--arch",
-    "resnet10",
-    "--width",
-    "4",
-    "--out-dim",
-    "8",
-    "--batch",
-    "8",
-    "--crop",
-    "12",
-    "--warmup-epochs",
-    "1",
-    "--lr",
-    "0.05",
-];
+/// The tiny network, with a warm-up epoch and a learning rate that moves it.
+const RATE: [&str; 4] = ["--warmup-epochs", "1", "--lr", "0.05"];
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_slam"))
@@ -47,7 +33,8 @@ fn start_or_resume(store: &Path, run: &Path) -> Child {
         spawn(
             &[
                 &["pretrain", arg(store), "--out", arg(run)][..],
-                &SETTINGS,
+                &TINY_RUN_FLAGS,
+                &RATE,
                 &length,
             ]
             .concat(),
@@ -161,7 +148,8 @@ fn sigterm_stops_after_a_checkpoint_and_the_run_resumes() {
     let store = random_store(dir.path());
     let run = dir.path().join("run");
     let long = [
-        &SETTINGS[..],
+        &TINY_RUN_FLAGS[..],
+        &RATE,
         &["--epochs", "200", "--checkpoint-every", "1000"],
     ]
     .concat();

@@ -107,3 +107,18 @@ pub fn random_store(dir: &std::path::Path) -> std::path::PathBuf {
     w.finish().unwrap();
     path
 }
+
+/// `slam pretrain` flags of a network small enough for tests: a ResNet-10 of width 4 with
+/// projector output 8, batch 8 at crop 12 (the 16x16 patches of [`random_store`]).
+pub const TINY_RUN_FLAGS: [&str; 10] = [
+    "--arch",
+    "resnet10",
+    "--width",
+    "4",
+    "--out-dim",
+    "8",
+    "--batch",
+    "8",
+    "--crop",
+    "12",
+];

@@ -181,46 +181,26 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     let mut loss: CudaSlice<f32> = gpu.zeros(1)?;
     let (mut di, mut dj, mut lv) = (dz_i.as_view_mut(), dz_j.as_view_mut(), loss.as_view_mut());
     let m = 2.0 * args.n as f64;
-    let (median_us, min_us) = time(&mut || {
-        gpu.pair_loss_to(
+    let losses = [
+        (
             PairLoss::NtXent,
-            &pair,
-            &zi,
-            &zj,
-            0.07,
-            &mut di,
-            &mut dj,
-            &mut lv,
-        )
-    })?;
-    rows.push(Row {
-        name: "NT-Xent loss + grad (3 kernels, 3 sgemm)",
-        size: size.clone(),
-        median_us,
-        min_us,
-        bytes: None,
-        flops: Some(6.0 * m * m * args.dim as f64),
-    });
-    let (median_us, min_us) = time(&mut || {
-        gpu.pair_loss_to(
-            PairLoss::Cohesion,
-            &pair,
-            &zi,
-            &zj,
-            0.07,
-            &mut di,
-            &mut dj,
-            &mut lv,
-        )
-    })?;
-    rows.push(Row {
-        name: "cohesion loss + grad (3 kernels)",
-        size,
-        median_us,
-        min_us,
-        bytes: None,
-        flops: None,
-    });
+            "NT-Xent loss + grad (3 kernels, 3 sgemm)",
+            Some(6.0 * m * m * args.dim as f64),
+        ),
+        (PairLoss::Cohesion, "cohesion loss + grad (3 kernels)", None),
+    ];
+    for (kind, name, flops) in losses {
+        let (median_us, min_us) =
+            time(&mut || gpu.pair_loss_to(kind, &pair, &zi, &zj, 0.07, &mut di, &mut dj, &mut lv))?;
+        rows.push(Row {
+            name,
+            size: size.clone(),
+            median_us,
+            min_us,
+            bytes: None,
+            flops,
+        });
+    }
 
     let copy_gbs = rows[0].bytes.expect("copy bytes") / rows[0].median_us / 1e3;
     println!(

@@ -147,9 +147,14 @@ impl Gpu {
         dz_j: &mut CudaViewMut<'_, f32>,
         loss: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
+        let shape = check_pair(s, z_i, z_j, dz_i, dz_j)?;
+        check_len("loss", loss.len(), 1)?;
+        ensure!(t > 0.0, "temperature must be positive, got {t}");
+        // Both losses start from the normalized rows f (and the norms) in the scratch.
+        self.launch_normalize(ws, shape, z_i, z_j)?;
         match kind {
-            PairLoss::NtXent => self.launch_ntxent(ws, s, z_i, z_j, t, dz_i, dz_j, loss),
-            PairLoss::Cohesion => self.launch_cohesion(ws, s, z_i, z_j, t, dz_i, dz_j, loss),
+            PairLoss::NtXent => self.launch_ntxent(ws, shape, t, dz_i, dz_j, loss),
+            PairLoss::Cohesion => self.launch_cohesion(ws, shape, t, dz_i, dz_j, loss),
         }
     }
 
@@ -193,18 +198,12 @@ impl Gpu {
     fn launch_ntxent(
         &self,
         ws: &mut LossScratch,
-        s: &ViewPair,
-        z_i: &CudaView<'_, f32>,
-        z_j: &CudaView<'_, f32>,
+        (n, dim): (u32, u32),
         t: f32,
         dz_i: &mut CudaViewMut<'_, f32>,
         dz_j: &mut CudaViewMut<'_, f32>,
         loss: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let (n, dim) = check_pair(s, z_i, z_j, dz_i, dz_j)?;
-        check_len("loss", loss.len(), 1)?;
-        ensure!(t > 0.0, "temperature must be positive, got {t}");
-        self.launch_normalize(ws, (n, dim), z_i, z_j)?;
         let (m, d) = (2 * n as i32, dim as i32);
         let inv_t = 1.0 / t as f64;
         // Column-major, F is m x d with leading dimension m (the [dim, m] scratch).
@@ -277,18 +276,12 @@ impl Gpu {
     fn launch_cohesion(
         &self,
         ws: &mut LossScratch,
-        s: &ViewPair,
-        z_i: &CudaView<'_, f32>,
-        z_j: &CudaView<'_, f32>,
+        (n, dim): (u32, u32),
         t: f32,
         dz_i: &mut CudaViewMut<'_, f32>,
         dz_j: &mut CudaViewMut<'_, f32>,
         loss: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let (n, dim) = check_pair(s, z_i, z_j, dz_i, dz_j)?;
-        check_len("loss", loss.len(), 1)?;
-        ensure!(t > 0.0, "temperature must be positive, got {t}");
-        self.launch_normalize(ws, (n, dim), z_i, z_j)?;
         let t = t as f64;
         let warps = LOSS_BLOCK / 32;
         // SAFETY: as in launch_normalize.
