@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::{CpuEngine, grad_dots};
 use slam_ags::engine::cuda::{
-    AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, KERNEL_FILES, LOSS_BLOCK, LOSS_COLS, PairLoss,
+    AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, DevSlice, Gpu, KERNEL_FILES, LOSS_BLOCK, LOSS_COLS, PairLoss,
     kernel_file,
 };
 use slam_ags::engine::{Engine, GradDots, SgdUpdate, ViewPair};
@@ -164,9 +164,9 @@ fn grad_dots_matches_cpu_twin() -> anyhow::Result<()> {
             .collect();
         let (d1, d2) = (gpu.upload(&g1)?, gpu.upload(&g2)?);
         for [o1, o2, ..] in OFFSETS {
-            let (v1, v2) = (d1.slice(o1..o1 + n), d2.slice(o2..o2 + n));
-            let got = gpu.grad_dots(&v1, &v2)?;
-            let again = gpu.grad_dots(&v1, &v2)?;
+            let (v1, v2) = (d1.dev().slice(o1..o1 + n), d2.dev().slice(o2..o2 + n));
+            let got = gpu.grad_dots(v1, v2)?;
+            let again = gpu.grad_dots(v1, v2)?;
             let cpu = grad_dots(&g1[o1..o1 + n], &g2[o2..o2 + n]);
             let err = dots_rel_err(got, cpu);
             println!("grad_dots n={n} offsets=({o1},{o2}): max relative error {err:.3e}");
@@ -225,10 +225,10 @@ fn sgd_step_matches_cpu_twin_bit_for_bit() -> anyhow::Result<()> {
             let (mut dp, mut dm) = (gpu.upload(&host[2])?, gpu.upload(&host[3])?);
             gpu.sgd_step(
                 &u,
-                &d1.slice(o1..o1 + n),
-                &d2.slice(o2..o2 + n),
-                &mut dp.slice_mut(op..op + n),
-                &mut dm.slice_mut(om..om + n),
+                d1.dev().slice(o1..o1 + n),
+                d2.dev().slice(o2..o2 + n),
+                dp.dev_mut().slice_mut(op..op + n),
+                dm.dev_mut().slice_mut(om..om + n),
             )?;
             let (mut p, mut m) = (host[2].clone(), host[3].clone());
             CpuEngine.sgd_step(
@@ -238,7 +238,7 @@ fn sgd_step_matches_cpu_twin_bit_for_bit() -> anyhow::Result<()> {
                 &mut p[op..op + n],
                 &mut m[om..om + n],
             )?;
-            let (gp, gm) = (gpu.download(&dp.as_view())?, gpu.download(&dm.as_view())?);
+            let (gp, gm) = (gpu.download(dp.dev())?, gpu.download(dm.dev())?);
             let (pc, pu) = ulp_diff(&gp, &p);
             let (mc, mu) = ulp_diff(&gm, &m);
             println!(
@@ -267,11 +267,11 @@ fn combine_grads_matches_cpu_twin_bit_for_bit() -> anyhow::Result<()> {
             // NaN-filled: an element the kernel fails to write shows up.
             let mut dout = gpu.upload(&vec![f32::NAN; n + 3])?;
             gpu.combine_grads(
-                &d1.slice(o1..o1 + n),
-                &d2.slice(o2..o2 + n),
+                d1.dev().slice(o1..o1 + n),
+                d2.dev().slice(o2..o2 + n),
                 0.83,
                 -1.17,
-                &mut dout.slice_mut(oo..oo + n),
+                dout.dev_mut().slice_mut(oo..oo + n),
             )?;
             let mut out = vec![0.0; n];
             CpuEngine.combine_grads(
@@ -281,7 +281,7 @@ fn combine_grads_matches_cpu_twin_bit_for_bit() -> anyhow::Result<()> {
                 -1.17,
                 &mut out,
             )?;
-            let got = gpu.download(&dout.slice(oo..oo + n))?;
+            let got = gpu.download(dout.dev().slice(oo..oo + n))?;
             let (count, max) = ulp_diff(&got, &out);
             println!(
                 "combine_grads n={n} offsets={offsets:?}: {count} values differ (max {max} ulp)"
@@ -341,14 +341,16 @@ fn gpu_loss(
 ) -> anyhow::Result<(f32, Vec<f32>, Vec<f32>)> {
     let poison = vec![f32::NAN; s.dim * s.n];
     let (mut dz_i, mut dz_j) = (gpu.upload(&poison)?, gpu.upload(&poison)?);
-    let (zi, zj) = (z.0.as_view(), z.1.as_view());
-    let (mut di, mut dj) = (dz_i.as_view_mut(), dz_j.as_view_mut());
-    let value = gpu.pair_loss(loss, s, &zi, &zj, t, &mut di, &mut dj)?;
-    Ok((
-        value,
-        gpu.download(&dz_i.as_view())?,
-        gpu.download(&dz_j.as_view())?,
-    ))
+    let value = gpu.pair_loss(
+        loss,
+        s,
+        z.0.dev(),
+        z.1.dev(),
+        t,
+        dz_i.dev_mut(),
+        dz_j.dev_mut(),
+    )?;
+    Ok((value, gpu.download(dz_i.dev())?, gpu.download(dz_j.dev())?))
 }
 
 fn loss_matches_cpu_twin(loss: PairLoss, seed: u64) -> anyhow::Result<()> {
@@ -424,21 +426,18 @@ fn gpu_ops_refuse_mismatched_shapes() -> anyhow::Result<()> {
     let a = gpu.upload(&[1.0f32; 12])?;
     let mut b = gpu.upload(&[1.0f32; 12])?;
     let mut c = gpu.upload(&[1.0f32; 11])?;
-    let err = gpu
-        .grad_dots(&a.as_view(), &c.as_view())
-        .unwrap_err()
-        .to_string();
+    let err = gpu.grad_dots(a.dev(), c.dev()).unwrap_err().to_string();
     assert!(err.contains("second gradient"), "{err}");
     let s = ViewPair { dim: 3, n: 2 };
     let err = gpu
         .pair_loss(
             PairLoss::Cohesion,
             &s,
-            &a.slice(0..6),
-            &a.slice(6..12),
+            a.dev().slice(0..6),
+            a.dev().slice(6..12),
             0.5,
-            &mut b.slice_mut(0..6),
-            &mut c.slice_mut(0..5),
+            b.dev_mut().slice_mut(0..6),
+            c.dev_mut().slice_mut(0..5),
         )
         .unwrap_err()
         .to_string();

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::median;
-use crate::engine::cuda::{Gpu, PairLoss};
+use crate::engine::cuda::{DevSlice, Gpu, PairLoss};
 use crate::engine::{SgdUpdate, ViewPair};
 
 #[derive(Args, Debug)]
@@ -123,9 +123,9 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         momentum: 0.9,
         weight_decay: 1e-4,
     };
-    let (v1, v2) = (g1.as_view(), g2.as_view());
-    let mut dots_view = dots.as_view_mut();
-    let (median_us, min_us) = time(&mut || gpu.grad_dots_to(&v1, &v2, &mut dots_view))?;
+    let (v1, v2) = (g1.dev(), g2.dev());
+    let mut dots_view = dots.dev_mut();
+    let (median_us, min_us) = time(&mut || gpu.grad_dots_to(v1, v2, dots_view.reborrow()))?;
     rows.push(Row {
         name: "AGS grad_dots (f64 reduction)",
         size: size.clone(),
@@ -134,8 +134,8 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         bytes: Some(8.0 * p as f64),
         flops: None,
     });
-    let (mut pv, mut mv) = (params.as_view_mut(), momentum.as_view_mut());
-    let (median_us, min_us) = time(&mut || gpu.sgd_step(&u, &v1, &v2, &mut pv, &mut mv))?;
+    let (mut pv, mut mv) = (params.dev_mut(), momentum.dev_mut());
+    let (median_us, min_us) = time(&mut || gpu.sgd_step(&u, v1, v2, pv.reborrow(), mv.reborrow()))?;
     rows.push(Row {
         name: "AGS + SGD fused update",
         size: size.clone(),
@@ -145,8 +145,8 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         flops: None,
     });
     let (median_us, min_us) = time(&mut || {
-        gpu.grad_dots_to(&v1, &v2, &mut dots_view)?;
-        gpu.sgd_step(&u, &v1, &v2, &mut pv, &mut mv)
+        gpu.grad_dots_to(v1, v2, dots_view.reborrow())?;
+        gpu.sgd_step(&u, v1, v2, pv.reborrow(), mv.reborrow())
     })?;
     rows.push(Row {
         name: "AGS step: grad_dots + update",
@@ -156,8 +156,8 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         bytes: Some(32.0 * p as f64),
         flops: None,
     });
-    let mut cv = combined.as_view_mut();
-    let (median_us, min_us) = time(&mut || gpu.combine_grads(&v1, &v2, 0.9, 1.1, &mut cv))?;
+    let mut cv = combined.dev_mut();
+    let (median_us, min_us) = time(&mut || gpu.combine_grads(v1, v2, 0.9, 1.1, cv.reborrow()))?;
     rows.push(Row {
         name: "combine_grads",
         size,
@@ -175,11 +175,11 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     let size = format!("2n={} x {}", 2 * args.n, args.dim);
     let z_i = gpu.upload(&random(&mut rng, len))?;
     let z_j = gpu.upload(&random(&mut rng, len))?;
-    let (zi, zj) = (z_i.as_view(), z_j.as_view());
+    let (zi, zj) = (z_i.dev(), z_j.dev());
     let mut dz_i: CudaSlice<f32> = gpu.zeros(len)?;
     let mut dz_j: CudaSlice<f32> = gpu.zeros(len)?;
     let mut loss: CudaSlice<f32> = gpu.zeros(1)?;
-    let (mut di, mut dj, mut lv) = (dz_i.as_view_mut(), dz_j.as_view_mut(), loss.as_view_mut());
+    let (mut di, mut dj, mut lv) = (dz_i.dev_mut(), dz_j.dev_mut(), loss.dev_mut());
     let m = 2.0 * args.n as f64;
     let losses = [
         (
@@ -190,8 +190,18 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         (PairLoss::Cohesion, "cohesion loss + grad (3 kernels)", None),
     ];
     for (kind, name, flops) in losses {
-        let (median_us, min_us) =
-            time(&mut || gpu.pair_loss_to(kind, &pair, &zi, &zj, 0.07, &mut di, &mut dj, &mut lv))?;
+        let (median_us, min_us) = time(&mut || {
+            gpu.pair_loss_to(
+                kind,
+                &pair,
+                zi,
+                zj,
+                0.07,
+                di.reborrow(),
+                dj.reborrow(),
+                lv.reborrow(),
+            )
+        })?;
         rows.push(Row {
             name,
             size: size.clone(),

@@ -3,7 +3,9 @@
 //! optimizer. Same meaning as the [`crate::engine::Engine`] methods of the same names.
 
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::view::{DevSlice, DevView, DevViewMut};
 
 use super::gpu::{AGS_DOTS_BLOCK, AGS_DOTS_GRID, Gpu, check_len};
 use crate::engine::{GradDots, SgdUpdate};
@@ -11,11 +13,11 @@ use crate::engine::{GradDots, SgdUpdate};
 impl Gpu {
     /// `g1 . g2`, `|g1|^2`, `|g2|^2` in one pass, accumulated in f64. Deterministic: the
     /// same inputs (values and alignment) give the same bits on every run and every GPU.
-    pub fn grad_dots(&self, g1: &CudaView<'_, f32>, g2: &CudaView<'_, f32>) -> Result<GradDots> {
+    pub fn grad_dots(&self, g1: DevView<'_>, g2: DevView<'_>) -> Result<GradDots> {
         let mut scratch = self.scratch();
         let scratch = &mut *scratch;
-        let mut out = scratch.dots.as_view_mut();
-        self.launch_grad_dots(g1, g2, &mut scratch.partials, &mut out)?;
+        let out = scratch.dots.dev_mut();
+        self.launch_grad_dots(g1, g2, &mut scratch.partials, out)?;
         let [g1g2, g1g1, g2g2]: [f64; 3] = self
             .stream
             .clone_dtoh(&scratch.dots)?
@@ -28,9 +30,9 @@ impl Gpu {
     /// `{g1.g2, |g1|^2, |g2|^2}` into `out` (3 values) on the device.
     pub fn grad_dots_to(
         &self,
-        g1: &CudaView<'_, f32>,
-        g2: &CudaView<'_, f32>,
-        out: &mut CudaViewMut<'_, f64>,
+        g1: DevView<'_>,
+        g2: DevView<'_>,
+        out: DevViewMut<'_, f64>,
     ) -> Result<()> {
         let mut scratch = self.scratch();
         self.launch_grad_dots(g1, g2, &mut scratch.partials, out)
@@ -38,10 +40,10 @@ impl Gpu {
 
     fn launch_grad_dots(
         &self,
-        g1: &CudaView<'_, f32>,
-        g2: &CudaView<'_, f32>,
+        g1: DevView<'_>,
+        g2: DevView<'_>,
         partials: &mut CudaSlice<f64>,
-        out: &mut CudaViewMut<'_, f64>,
+        out: DevViewMut<'_, f64>,
     ) -> Result<()> {
         check_len("second gradient", g2.len(), g1.len())?;
         check_len("inner products", out.len(), 3)?;
@@ -56,8 +58,8 @@ impl Gpu {
         unsafe {
             self.stream
                 .launch_builder(&self.ags.dots_partial)
-                .arg(g1)
-                .arg(g2)
+                .arg(g1.ptr())
+                .arg(g2.ptr())
                 .arg(&n)
                 .arg(&mut *partials)
                 .launch(cfg)?;
@@ -65,7 +67,7 @@ impl Gpu {
                 .launch_builder(&self.ags.dots_finalize)
                 .arg(&*partials)
                 .arg(&AGS_DOTS_GRID)
-                .arg(out)
+                .arg(out.ptr())
                 .launch(LaunchConfig {
                     grid_dim: (1, 1, 1),
                     ..cfg
@@ -77,11 +79,11 @@ impl Gpu {
     /// `out = alpha g1 + beta g2`, bit-identical to the CPU engine.
     pub fn combine_grads(
         &self,
-        g1: &CudaView<'_, f32>,
-        g2: &CudaView<'_, f32>,
+        g1: DevView<'_>,
+        g2: DevView<'_>,
         alpha: f32,
         beta: f32,
-        out: &mut CudaViewMut<'_, f32>,
+        out: DevViewMut<'_>,
     ) -> Result<()> {
         check_len("second gradient", g2.len(), g1.len())?;
         check_len("combined gradient", out.len(), g1.len())?;
@@ -90,9 +92,9 @@ impl Gpu {
         unsafe {
             self.stream
                 .launch_builder(&self.ags.combine)
-                .arg(g1)
-                .arg(g2)
-                .arg(out)
+                .arg(g1.ptr())
+                .arg(g2.ptr())
+                .arg(out.ptr())
                 .arg(&n)
                 .arg(&alpha)
                 .arg(&beta)
@@ -106,10 +108,10 @@ impl Gpu {
     pub fn sgd_step(
         &self,
         u: &SgdUpdate,
-        g1: &CudaView<'_, f32>,
-        g2: &CudaView<'_, f32>,
-        params: &mut CudaViewMut<'_, f32>,
-        momentum: &mut CudaViewMut<'_, f32>,
+        g1: DevView<'_>,
+        g2: DevView<'_>,
+        params: DevViewMut<'_>,
+        momentum: DevViewMut<'_>,
     ) -> Result<()> {
         let n = params.len();
         check_len("first gradient", g1.len(), n)?;
@@ -120,10 +122,10 @@ impl Gpu {
         unsafe {
             self.stream
                 .launch_builder(&self.ags.sgd_step)
-                .arg(g1)
-                .arg(g2)
-                .arg(params)
-                .arg(momentum)
+                .arg(g1.ptr())
+                .arg(g2.ptr())
+                .arg(params.ptr())
+                .arg(momentum.ptr())
                 .arg(&len)
                 .arg(&u.alpha)
                 .arg(&u.beta)

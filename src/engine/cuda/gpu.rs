@@ -7,11 +7,11 @@ use anyhow::{Result, ensure};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DriverError,
-    LaunchConfig,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig,
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
+use super::view::{DevView, DevViewMut};
 use super::{KernelFile, kernel_file};
 
 /// Why [`Gpu::new`] failed. The first two mean "no GPU here"; the others, a broken setup.
@@ -140,6 +140,9 @@ impl Gpu {
         }
         let ctx =
             CudaContext::new(ordinal).map_err(|source| GpuError::NoDevice { ordinal, source })?;
+        // SAFETY: before any allocation. Every op runs on the one stream below, in order, so
+        // cudarc's cross-stream events are not needed (and the engine's raw views skip them).
+        unsafe { ctx.disable_event_tracking() };
         // SAFETY: as above, for cuBLAS.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(GpuError::NoCublas);
@@ -259,8 +262,51 @@ impl Gpu {
     }
 
     /// A host copy of `src`; waits for the work queued before it.
-    pub fn download<T: cudarc::driver::DeviceRepr>(&self, src: &CudaView<'_, T>) -> Result<Vec<T>> {
-        Ok(self.stream.clone_dtoh(src)?)
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        src: DevView<'_, T>,
+    ) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); src.len()];
+        // SAFETY: `src` is a live device range of `host.len()` values; the copy is complete
+        // when the stream has synchronized, before `host` is returned.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut host,
+                *src.ptr(),
+                self.stream.cu_stream(),
+            )?;
+        }
+        self.stream.synchronize()?;
+        Ok(host)
+    }
+
+    /// Zeroes `dst` (queued on the stream).
+    pub fn fill_zero<T>(&self, dst: DevViewMut<'_, T>) -> Result<()> {
+        // SAFETY: `dst` is a live device range of `dst.len()` values.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                *dst.ptr(),
+                0,
+                dst.len() * size_of::<T>(),
+                self.stream.cu_stream(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `dst = src` on the device (queued on the stream).
+    pub fn copy<T>(&self, src: DevView<'_, T>, dst: DevViewMut<'_, T>) -> Result<()> {
+        check_len("copy destination", dst.len(), src.len())?;
+        // SAFETY: two live device ranges of the same length; a stream-ordered copy.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                *dst.ptr(),
+                *src.ptr(),
+                src.len() * size_of::<T>(),
+                self.stream.cu_stream(),
+            )?;
+        }
+        Ok(())
     }
 
     /// Waits for every queued op; reports a kernel fault as an error.

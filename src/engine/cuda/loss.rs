@@ -5,7 +5,9 @@
 use anyhow::{Result, ensure};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::view::{DevSlice, DevView, DevViewMut};
 
 use super::gpu::{Gpu, LOSS_BLOCK, LOSS_COLS, check_len};
 use crate::engine::ViewPair;
@@ -60,10 +62,10 @@ fn blocks(grid: usize) -> LaunchConfig {
 /// and cuBLAS's int dimensions. Returns `(n, dim)` as u32.
 fn check_pair(
     s: &ViewPair,
-    z_i: &CudaView<'_, f32>,
-    z_j: &CudaView<'_, f32>,
-    dz_i: &CudaViewMut<'_, f32>,
-    dz_j: &CudaViewMut<'_, f32>,
+    z_i: DevView<'_>,
+    z_j: DevView<'_>,
+    dz_i: &DevViewMut<'_>,
+    dz_j: &DevViewMut<'_>,
 ) -> Result<(u32, u32)> {
     ensure!(s.n > 0 && s.dim > 0, "loss over an empty batch");
     ensure!(
@@ -101,17 +103,17 @@ impl Gpu {
         &self,
         kind: PairLoss,
         s: &ViewPair,
-        z_i: &CudaView<'_, f32>,
-        z_j: &CudaView<'_, f32>,
+        z_i: DevView<'_>,
+        z_j: DevView<'_>,
         t: f32,
-        dz_i: &mut CudaViewMut<'_, f32>,
-        dz_j: &mut CudaViewMut<'_, f32>,
+        dz_i: DevViewMut<'_>,
+        dz_j: DevViewMut<'_>,
     ) -> Result<f32> {
         let mut scratch = self.scratch();
         let scratch = &mut *scratch;
-        let mut loss = scratch.loss.as_view_mut();
+        let loss = scratch.loss.dev_mut();
         let ws = self.loss_scratch(&mut scratch.losses, s)?;
-        self.launch_pair_loss(kind, ws, s, z_i, z_j, t, dz_i, dz_j, &mut loss)?;
+        self.launch_pair_loss(kind, ws, s, z_i, z_j, t, dz_i, dz_j, loss)?;
         Ok(self.stream.clone_dtoh(&scratch.loss)?[0])
     }
 
@@ -122,12 +124,12 @@ impl Gpu {
         &self,
         kind: PairLoss,
         s: &ViewPair,
-        z_i: &CudaView<'_, f32>,
-        z_j: &CudaView<'_, f32>,
+        z_i: DevView<'_>,
+        z_j: DevView<'_>,
         t: f32,
-        dz_i: &mut CudaViewMut<'_, f32>,
-        dz_j: &mut CudaViewMut<'_, f32>,
-        loss: &mut CudaViewMut<'_, f32>,
+        dz_i: DevViewMut<'_>,
+        dz_j: DevViewMut<'_>,
+        loss: DevViewMut<'_>,
     ) -> Result<()> {
         let mut scratch = self.scratch();
         let ws = self.loss_scratch(&mut scratch.losses, s)?;
@@ -140,14 +142,14 @@ impl Gpu {
         kind: PairLoss,
         ws: &mut LossScratch,
         s: &ViewPair,
-        z_i: &CudaView<'_, f32>,
-        z_j: &CudaView<'_, f32>,
+        z_i: DevView<'_>,
+        z_j: DevView<'_>,
         t: f32,
-        dz_i: &mut CudaViewMut<'_, f32>,
-        dz_j: &mut CudaViewMut<'_, f32>,
-        loss: &mut CudaViewMut<'_, f32>,
+        dz_i: DevViewMut<'_>,
+        dz_j: DevViewMut<'_>,
+        loss: DevViewMut<'_>,
     ) -> Result<()> {
-        let shape = check_pair(s, z_i, z_j, dz_i, dz_j)?;
+        let shape = check_pair(s, z_i, z_j, &dz_i, &dz_j)?;
         check_len("loss", loss.len(), 1)?;
         ensure!(t > 0.0, "temperature must be positive, got {t}");
         // Both losses start from the normalized rows f (and the norms) in the scratch.
@@ -176,15 +178,15 @@ impl Gpu {
         &self,
         ws: &mut LossScratch,
         (n, dim): (u32, u32),
-        z_i: &CudaView<'_, f32>,
-        z_j: &CudaView<'_, f32>,
+        z_i: DevView<'_>,
+        z_j: DevView<'_>,
     ) -> Result<()> {
         // SAFETY: shapes checked by check_pair; scratch sized for them (kernels/loss.cu).
         unsafe {
             self.stream
                 .launch_builder(&self.loss.normalize)
-                .arg(z_i)
-                .arg(z_j)
+                .arg(z_i.ptr())
+                .arg(z_j.ptr())
                 .arg(&n)
                 .arg(&dim)
                 .arg(&mut ws.f)
@@ -200,9 +202,9 @@ impl Gpu {
         ws: &mut LossScratch,
         (n, dim): (u32, u32),
         t: f32,
-        dz_i: &mut CudaViewMut<'_, f32>,
-        dz_j: &mut CudaViewMut<'_, f32>,
-        loss: &mut CudaViewMut<'_, f32>,
+        dz_i: DevViewMut<'_>,
+        dz_j: DevViewMut<'_>,
+        loss: DevViewMut<'_>,
     ) -> Result<()> {
         let (m, d) = (2 * n as i32, dim as i32);
         let inv_t = 1.0 / t as f64;
@@ -264,9 +266,9 @@ impl Gpu {
                 .arg(&ws.row_loss)
                 .arg(&n)
                 .arg(&dim)
-                .arg(dz_i)
-                .arg(dz_j)
-                .arg(loss)
+                .arg(dz_i.ptr())
+                .arg(dz_j.ptr())
+                .arg(loss.ptr())
                 .launch(blocks((2 * n).div_ceil(LOSS_COLS) as usize))?;
         }
         Ok(())
@@ -278,9 +280,9 @@ impl Gpu {
         ws: &mut LossScratch,
         (n, dim): (u32, u32),
         t: f32,
-        dz_i: &mut CudaViewMut<'_, f32>,
-        dz_j: &mut CudaViewMut<'_, f32>,
-        loss: &mut CudaViewMut<'_, f32>,
+        dz_i: DevViewMut<'_>,
+        dz_j: DevViewMut<'_>,
+        loss: DevViewMut<'_>,
     ) -> Result<()> {
         let t = t as f64;
         let warps = LOSS_BLOCK / 32;
@@ -303,9 +305,9 @@ impl Gpu {
                 .arg(&n)
                 .arg(&dim)
                 .arg(&t)
-                .arg(dz_i)
-                .arg(dz_j)
-                .arg(loss)
+                .arg(dz_i.ptr())
+                .arg(dz_j.ptr())
+                .arg(loss.ptr())
                 .launch(blocks((2 * n).div_ceil(LOSS_COLS) as usize))?;
         }
         Ok(())

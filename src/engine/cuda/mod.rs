@@ -19,11 +19,13 @@
 mod ags;
 mod gpu;
 mod loss;
+mod view;
 
 pub use gpu::{
     AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, GpuError, KernelSource, LOSS_BLOCK, LOSS_COLS,
 };
 pub use loss::PairLoss;
+pub use view::{DevSlice, DevView, DevViewMut};
 
 /// One embedded `kernels/<name>.cu`.
 #[derive(Clone, Copy, Debug)]
