@@ -125,6 +125,8 @@ pub struct Gpu {
     sources: Vec<(&'static str, KernelSource)>,
     pub(super) ags: AgsKernels,
     pub(super) loss: LossKernels,
+    pub(super) norm: super::norm::NormKernels,
+    pub(super) pool: super::pool::PoolKernels,
     scratch: Mutex<Scratch>,
 }
 
@@ -193,6 +195,10 @@ impl Gpu {
             cohesion_rowsum: function(&m, "cohesion_rowsum")?,
             cohesion_backward: function(&m, "cohesion_backward")?,
         };
+        let m = module("norm")?;
+        let norm = super::norm::NormKernels::load(|name| function(&m, name))?;
+        let m = module("pool")?;
+        let pool = super::pool::PoolKernels::load(|name| function(&m, name))?;
 
         let alloc = "allocating scratch buffers";
         let scratch = Scratch {
@@ -213,6 +219,8 @@ impl Gpu {
             sources,
             ags,
             loss,
+            norm,
+            pool,
             scratch: Mutex::new(scratch),
         })
     }

@@ -19,12 +19,16 @@
 mod ags;
 mod gpu;
 mod loss;
+mod norm;
+mod pool;
 mod view;
 
 pub use gpu::{
     AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, GpuError, KernelSource, LOSS_BLOCK, LOSS_COLS,
 };
 pub use loss::PairLoss;
+pub use norm::{NORM_BLOCK, NORM_CHUNK};
+pub use pool::POOL_BLOCK;
 pub use view::{DevSlice, DevView, DevViewMut};
 
 /// One embedded `kernels/<name>.cu`.
