@@ -227,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(NORM_BLOCK)
         sp,
         [&](u64 i) {
             const float4 v = *reinterpret_cast<const float4*>(xr + i);
-            float4 r = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            float4 r = {0.0f, 0.0f, 0.0f, 0.0f};
             if (res) r = *reinterpret_cast<const float4*>(rr + i);
             float4 o;
             o.x = act1(v.x, a, b, r.x, res, rl);
