@@ -10,11 +10,14 @@
 //! The kernel sources include no headers so that NVRTC compiles them as they are.
 //!
 //! [`Gpu`] opens a device and loads the kernels once; its ops ([`Gpu::ntxent`],
-//! [`Gpu::cohesion`], [`Gpu::grad_dots`], [`Gpu::combine_grads`], [`Gpu::sgd_step`]) mean
-//! what the [`crate::engine::Engine`] methods of the same names mean, and each kernel has the
-//! CPU engine's op as its twin (`tests/cuda_kernels.rs` holds them against each other). The
-//! CUDA libraries are loaded at run time: on a machine without them [`Gpu::new`] returns
-//! [`GpuError::NoDriver`] and nothing else touches CUDA.
+//! [`Gpu::cohesion`], [`Gpu::grad_dots`], [`Gpu::combine_grads`], [`Gpu::sgd_step`], the
+//! batch norm ops [`Gpu::batchnorm_train_forward`], [`Gpu::batchnorm_eval_forward`],
+//! [`Gpu::batchnorm_train_backward`] and the pooling ops [`Gpu::maxpool_forward`],
+//! [`Gpu::maxpool_backward`], [`Gpu::avgpool_forward`], [`Gpu::avgpool_backward`]) mean what
+//! the [`crate::engine::Engine`] methods of the same names mean, and each kernel has the CPU
+//! engine's op as its twin (`tests/cuda_kernels.rs` and `tests/cuda_layers.rs` hold them
+//! against each other). The CUDA libraries are loaded at run time: on a machine without them
+//! [`Gpu::new`] returns [`GpuError::NoDriver`] and nothing else touches CUDA.
 
 mod ags;
 mod gpu;
