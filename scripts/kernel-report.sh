@@ -28,7 +28,7 @@ for name in "${files[@]}"; do
         for kernel in $(cuobjdump --dump-sass "$cubin" | grep -oE 'Function : [A-Za-z_0-9]+' | awk '{print $3}'); do
             sass=$(cuobjdump --dump-sass -fun "$kernel" "$cubin")
             local_ops=$(grep -cE '\b(LDL|STL)\b' <<<"$sass" || true)
-            wide=$(grep -oE '(LDG|STG|LDS|STS)\.E?\.?(128|64)[A-Z.]*' <<<"$sass" | sort | uniq -c | awk '{printf "%s x%s  ", $2, $1}' || true)
+            wide=$({ grep -oE '(LDG|STG|LDS|STS)\.E?\.?(128|64)[A-Z.]*' <<<"$sass" || true; } | sort | uniq -c | awk '{printf "%s x%s  ", $2, $1}')
             tensor=$(grep -cE '\b(HMMA|IMMA|DMMA|HGMMA)\b' <<<"$sass" || true)
             printf '  %-22s local-memory ops %s, tensor-core ops %s, wide accesses: %s\n' \
                 "$kernel" "$local_ops" "$tensor" "${wide:-none}"

@@ -9,10 +9,18 @@ pub const LIMIT_VAR: &str = "SLAM_MEMORY_LIMIT";
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The cap `SLAM_MEMORY_LIMIT` sets, if it is set.
+pub fn available_bytes_from_limit() -> Result<Option<u64>> {
+    std::env::var(LIMIT_VAR)
+        .ok()
+        .map(|text| parse_size(&text))
+        .transpose()
+}
+
 /// The memory slam may use, if known.
 pub fn available_bytes() -> Result<Option<u64>> {
-    if let Ok(text) = std::env::var(LIMIT_VAR) {
-        return parse_size(&text).map(Some);
+    if let Some(limit) = available_bytes_from_limit()? {
+        return Ok(Some(limit));
     }
     let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
         return Ok(None);
@@ -44,31 +52,23 @@ fn parse_size(text: &str) -> Result<u64> {
     Ok((value * scale as f64) as u64)
 }
 
-/// Refuses `needed` bytes for `what` when more than the available memory.
-pub fn ensure_fits(needed: u64, what: &str, advice: &str) -> Result<()> {
-    if let Some(available) = available_bytes()? {
+/// Refuses `needed` bytes for `what` when more than `available` bytes of `kind` ("memory",
+/// "GPU memory"); `None` means unknown, which passes.
+pub fn ensure_fits(
+    needed: u64,
+    available: Option<u64>,
+    kind: &str,
+    what: &str,
+    advice: &str,
+) -> Result<()> {
+    if let Some(available) = available {
         ensure!(
             needed <= available,
-            "{what} needs about {:.1} GiB of memory and {:.1} GiB is available: {advice} \
+            "{what} needs about {:.1} GiB of {kind} and {:.1} GiB is available: {advice} \
              (or set {LIMIT_VAR} if the estimate is wrong for this machine)",
             needed as f64 / GIB,
             available as f64 / GIB
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("123").unwrap(), 123);
-        assert_eq!(parse_size("2K").unwrap(), 2048);
-        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
-        assert_eq!(parse_size(" 512m ").unwrap(), 512 << 20);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("-1G").is_err());
-    }
 }

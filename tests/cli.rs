@@ -240,10 +240,22 @@ fn bench_step_runs_and_cuda_is_refused_clearly() {
         text.contains("images/s") && text.contains("AGS + SGD share"),
         "{text}"
     );
+    let out = slam(&[&tiny[..], &["--json"]].concat());
+    assert_succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert!(value["images_per_s"].as_f64().unwrap() > 0.0, "{value}");
+    assert_eq!(value["engine"], "cpu");
     assert_fails_with(
-        &slam(&[&tiny[..], &["--device", "cuda"]].concat()),
-        &["--device cpu"],
+        &slam(&[&tiny[..], &["--matmul", "tf32"]].concat()),
+        &["--matmul applies to --device cuda only"],
     );
+    if !common::has_cuda_driver() {
+        assert_fails_with(
+            &slam(&[&tiny[..], &["--device", "cuda"]].concat()),
+            &["--device cuda: no CUDA driver", "use the CPU engine"],
+        );
+    }
 }
 
 #[test]
@@ -374,10 +386,12 @@ fn pretrain_command_refuses_bad_settings_clearly() {
         &slam(&[&base[..], &["--config", arg(&config)]].concat()),
         &["run.toml is not valid", "unknown field `learning_rate`"],
     );
-    assert_fails_with(
-        &slam(&[&base[..], &["--device", "cuda"]].concat()),
-        &["CUDA engine"],
-    );
+    if !common::has_cuda_driver() {
+        assert_fails_with(
+            &slam(&[&base[..], &["--device", "cuda"]].concat()),
+            &["--device cuda: no CUDA driver"],
+        );
+    }
     assert_fails_with(
         &slam(&[&base[..], &["--batch", "8", "--crop", "40"]].concat()),
         &["crop"],
@@ -446,8 +460,7 @@ fn pretrain_refuses_a_step_that_does_not_fit_in_memory() {
 
 #[test]
 fn bench_kernels_without_a_gpu_fails_clearly() {
-    // SAFETY: only tries to load the library.
-    if unsafe { cudarc::driver::sys::is_culib_present() } {
+    if common::has_cuda_driver() {
         println!("skipped: this machine has a CUDA driver");
         return;
     }

@@ -5,6 +5,9 @@
 //! bit-identical) and shape errors. Without a GPU each test prints why it skips and passes;
 //! with `SLAM_REQUIRE_GPU=1` set a missing GPU fails them instead.
 
+mod common;
+
+use common::gpu;
 use cudarc::driver::CudaSlice;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -24,28 +27,6 @@ fn block_sizes_match_the_kernels() {
             kernel_file(file).unwrap().source.contains(&line),
             "{file}.cu lacks {line:?}"
         );
-    }
-}
-
-/// The GPU, or None (with the reason printed) where there is none and SLAM_REQUIRE_GPU is
-/// unset. Any other failure to start fails the test.
-fn gpu() -> Option<Gpu> {
-    match Gpu::new(0) {
-        Ok(gpu) => {
-            println!(
-                "GPU: {} (sm_{}{}), kernels {:?}",
-                gpu.name(),
-                gpu.compute_capability().0,
-                gpu.compute_capability().1,
-                gpu.kernel_sources()
-            );
-            Some(gpu)
-        }
-        Err(err) if err.is_no_gpu() && std::env::var_os("SLAM_REQUIRE_GPU").is_none() => {
-            println!("skipped: {err}");
-            None
-        }
-        Err(err) => panic!("cannot start the GPU: {err}"),
     }
 }
 

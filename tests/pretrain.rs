@@ -40,7 +40,7 @@ fn a_run_writes_metrics_checkpoints_and_a_loadable_model() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_config(random_store(dir.path()));
     let out = dir.path().join("run");
-    let mut run = Run::create(&out, config).unwrap();
+    let mut run = Run::create(&CpuEngine, &out, config).unwrap();
     assert_eq!(run.steps_per_epoch(), 6); // 24 + 24 patches, 4 + 4 per batch
     assert_eq!(run.end_step(), 18);
     let state = run.train(&CpuEngine, &mut Quiet).unwrap();
@@ -95,7 +95,7 @@ fn resuming_gives_bit_identical_parameters() {
         max_steps: Some(8),
         ..tiny_config(store)
     };
-    let want = Run::create(&straight, config.clone())
+    let want = Run::create(&CpuEngine, &straight, config.clone())
         .unwrap()
         .train(&CpuEngine, &mut Quiet)
         .unwrap();
@@ -107,12 +107,12 @@ fn resuming_gives_bit_identical_parameters() {
         max_steps: Some(4),
         ..config
     };
-    Run::create(&split, first)
+    Run::create(&CpuEngine, &split, first)
         .unwrap()
         .train(&CpuEngine, &mut Quiet)
         .unwrap();
     std::fs::remove_dir_all(split.join("checkpoints/step-00000004")).unwrap();
-    let mut resumed = Run::resume(&split, Some(8)).unwrap();
+    let mut resumed = Run::resume(&CpuEngine, &split, Some(8)).unwrap();
     assert_eq!(resumed.step(), 3);
     let got = resumed.train(&CpuEngine, &mut Quiet).unwrap();
     assert_eq!(got, want, "resumed parameters differ");
@@ -140,7 +140,7 @@ fn simclr_trains_the_contrastive_task_alone() {
         ..tiny_config(random_store(dir.path()))
     };
     let out = dir.path().join("run");
-    Run::create(&out, config)
+    Run::create(&CpuEngine, &out, config)
         .unwrap()
         .train(&CpuEngine, &mut Quiet)
         .unwrap();
@@ -162,7 +162,7 @@ fn divergence_stops_the_run_and_keeps_the_last_good_checkpoint() {
         ..tiny_config(random_store(dir.path()))
     };
     let out = dir.path().join("run");
-    let err = Run::create(&out, config)
+    let err = Run::create(&CpuEngine, &out, config)
         .unwrap()
         .train(&CpuEngine, &mut Quiet)
         .unwrap_err()
@@ -178,19 +178,28 @@ fn runs_refuse_bad_folders_and_settings() {
     let store = random_store(dir.path());
     let err = |r: anyhow::Result<Run>| format!("{:#}", r.err().expect("accepted"));
     // A non-empty folder that is not a run.
-    assert!(err(Run::create(dir.path(), tiny_config(store.clone()))).contains("is not empty"));
-    assert!(err(Run::resume(dir.path(), None)).contains("not a pretraining run folder"));
+    assert!(
+        err(Run::create(
+            &CpuEngine,
+            dir.path(),
+            tiny_config(store.clone())
+        ))
+        .contains("is not empty")
+    );
+    assert!(
+        err(Run::resume(&CpuEngine, dir.path(), None)).contains("not a pretraining run folder")
+    );
     let huge = PretrainConfig {
         batch: 1000,
         ..tiny_config(store.clone())
     };
-    let e = err(Run::create(&dir.path().join("a"), huge));
+    let e = err(Run::create(&CpuEngine, &dir.path().join("a"), huge));
     assert!(e.contains("more than the pools hold"), "{e}");
     let big_crop = PretrainConfig {
         crop: 17,
         ..tiny_config(store)
     };
-    let e = err(Run::create(&dir.path().join("b"), big_crop));
+    let e = err(Run::create(&CpuEngine, &dir.path().join("b"), big_crop));
     assert!(e.contains("crop"), "{e}");
     assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
 }
@@ -210,7 +219,7 @@ fn runs_are_bit_identical_across_thread_counts() {
             ..tiny_config(store.clone())
         };
         common::in_pool(threads, || {
-            Run::create(&out, config)
+            Run::create(&CpuEngine, &out, config)
                 .unwrap()
                 .train(&CpuEngine, &mut Quiet)
                 .unwrap()

@@ -3,6 +3,7 @@
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
 
+use crate::engine::cuda::{CudaEngine, MatmulMode};
 use crate::model::optim::Sgd;
 use crate::model::{NetConfig, StepConfig, Surgery};
 
@@ -102,19 +103,88 @@ impl StepArgs {
 pub enum Device {
     /// The pure-Rust reference engine, on every core (or --threads).
     Cpu,
-    /// The CUDA engine.
+    /// The CUDA engine, on GPU 0 (choose another with CUDA_VISIBLE_DEVICES).
     Cuda,
 }
 
-impl Device {
-    /// Fails with what to do instead when the engine is not available in this build.
-    pub fn require_available(self) -> Result<()> {
-        match self {
-            Device::Cpu => Ok(()),
-            Device::Cuda => anyhow::bail!(
-                "the CUDA engine does not run training steps yet in this version of slam \
-                 (its kernels are compiled, the runtime is not written yet); use --device cpu"
-            ),
+/// How the CUDA engine's layer products use the tensor cores.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Matmul {
+    /// Full f32 multiplies: matches the CPU engine to f32 rounding.
+    Exact,
+    /// TF32 tensor cores (f32 in and out), as PyTorch's allow_tf32.
+    Tf32,
+    /// bf16 tensor cores (f32 in and out, f32 accumulation).
+    Bf16,
+}
+
+impl From<Matmul> for MatmulMode {
+    fn from(m: Matmul) -> Self {
+        match m {
+            Matmul::Exact => MatmulMode::Exact,
+            Matmul::Tf32 => MatmulMode::Tf32,
+            Matmul::Bf16 => MatmulMode::Bf16,
         }
     }
 }
+
+/// The engine a command runs on.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct EngineArgs {
+    /// Engine: cpu (the reference, runs anywhere) or cuda (an NVIDIA GPU).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// With --device cuda: exact, tf32 or bf16 products in the convolutions and linear
+    /// layers (default: the command's, see --help).
+    #[arg(long, value_enum)]
+    pub matmul: Option<Matmul>,
+}
+
+impl EngineArgs {
+    /// Opens the GPU for `--device cuda`, with `default` unless --matmul is given; reports
+    /// the device on stderr.
+    pub fn open_cuda(&self, default: Matmul) -> Result<CudaEngine> {
+        let mode = self.matmul.unwrap_or(default);
+        let eng =
+            CudaEngine::new(0, mode.into()).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+        let gpu = eng.gpu();
+        let (major, minor) = gpu.compute_capability();
+        eprintln!(
+            "cuda engine: {} (sm_{major}{minor}, {} SMs), {:?} products",
+            gpu.name(),
+            gpu.sm_count(),
+            mode
+        );
+        Ok(eng)
+    }
+
+    /// Fails for --matmul on the CPU engine, which has one mode.
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.device == Device::Cuda || self.matmul.is_none(),
+            "--matmul applies to --device cuda only (the CPU engine always multiplies in f32)"
+        );
+        Ok(())
+    }
+}
+
+/// Runs `$body` with `$eng` bound to the engine `$args` (an [`EngineArgs`]) names: the CPU
+/// engine, or the GPU opened with `$default` products unless --matmul says otherwise.
+macro_rules! with_engine {
+    ($args:expr, $default:expr, |$eng:ident| $body:expr) => {{
+        let args: &$crate::cli::args::EngineArgs = &$args;
+        args.check()?;
+        match args.device {
+            $crate::cli::args::Device::Cpu => {
+                let $eng = &$crate::engine::cpu::CpuEngine;
+                $body
+            }
+            $crate::cli::args::Device::Cuda => {
+                let cuda = args.open_cuda($default)?;
+                let $eng = &cuda;
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use with_engine;

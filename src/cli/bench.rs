@@ -5,10 +5,11 @@ mod kernels;
 use std::time::Instant;
 
 use anyhow::{Result, ensure};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::args::{ArchArgs, Device, StepArgs};
+use super::args::{ArchArgs, Device, EngineArgs, Matmul, StepArgs};
+use crate::engine::Engine;
 use crate::engine::cpu::CpuEngine;
 use crate::model::{HostBatch, ModelState, Network, Trainer};
 
@@ -19,6 +20,11 @@ pub enum BenchCommand {
   slam bench step
   slam bench step --arch resnet18 --crop 64 --batch 64 --steps 10
   slam bench step --crop 224 --batch 256 --steps 3        (the reference configuration)
+  slam bench step --device cuda --crop 224 --batch 256 --steps 10 --warmup 3
+  slam bench step --device cuda --matmul bf16 --json
+
+On --device cuda the products default to TF32 (--matmul exact|tf32|bf16), and the report
+adds the peak GPU memory and the share of the device's measured matrix rate reached.
 
 Each step runs 2 x batch images through the network (two views of every patch). Reports
 the median over the timed steps, after the warm-up ones.")]
@@ -36,8 +42,8 @@ device-to-device copy bandwidth.")]
 
 #[derive(Args, Debug)]
 pub struct BenchStepArgs {
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    pub device: Device,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[command(flatten)]
     pub arch: ArchArgs,
     /// Side of the input crops.
@@ -54,6 +60,9 @@ pub struct BenchStepArgs {
     pub warmup: usize,
     #[command(flatten)]
     pub step: StepArgs,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -73,34 +82,72 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
     }
 }
 
+/// What the timed steps measured.
+#[derive(Debug, serde::Serialize)]
+struct StepTiming {
+    engine: &'static str,
+    precision: &'static str,
+    images_per_step: usize,
+    median_step_ms: f64,
+    images_per_s: f64,
+    /// Forward + backward FLOP/s of the convolutions and linear layers.
+    flops_per_s: f64,
+    /// Share of the step in the surgery reduction and the fused update.
+    update_share: f64,
+}
+
 fn run_step(args: &BenchStepArgs) -> Result<()> {
-    args.device.require_available()?;
+    args.engine.check()?;
     ensure!(args.steps > 0, "--steps must be at least 1");
     ensure!(
         args.batch >= 4,
         "--batch must be at least 4 (two images per view and kind)"
     );
+    match args.engine.device {
+        Device::Cpu => {
+            let timing = time_steps(&CpuEngine, args)?;
+            print_timing(args, &timing, None)
+        }
+        Device::Cuda => {
+            let eng = args.engine.open_cuda(Matmul::Tf32)?;
+            let gpu = eng.gpu();
+            gpu.reset_peak_memory()?;
+            let timing = time_steps(&eng, args)?;
+            let peak = gpu.peak_memory_bytes()?;
+            let rate = gpu.matmul_rate()?;
+            print_timing(args, &timing, Some((peak, rate)))
+        }
+    }
+}
+
+fn time_steps<E: Engine>(eng: &E, args: &BenchStepArgs) -> Result<StepTiming> {
     let step_cfg = args.step.config()?;
     let config = args.arch.config()?;
     let n_pos = args.batch / 2;
     let batch = HostBatch::random(n_pos, args.batch - n_pos, args.crop, 0);
-    let eng = CpuEngine;
-    let mut trainer = Trainer::new(&eng, &ModelState::init(config, 0)?)?;
-    let device_batch = batch.upload(&eng)?;
+    let mut trainer = Trainer::new(eng, &ModelState::init(config, 0)?)?;
+    let device_batch = batch.upload(eng)?;
     let images = 2 * args.batch;
-    println!(
-        "bench step: {config}, {} parameters, crop {}, batch {} ({} + {}), {images} images per step, {} engine on {} threads",
+    let threads = match eng.name() {
+        "cpu" => format!(" on {} threads", rayon::current_num_threads()),
+        _ => String::new(),
+    };
+    // The settings go to stderr under --json, which keeps stdout to the one object.
+    let header = format!(
+        "bench step: {config}, {} parameters, crop {}, batch {} ({} + {}), {images} images per step, {} engine ({}){threads}",
         Network::new(config).param_len(),
         args.crop,
         args.batch,
         batch.n_pos,
         batch.n_neg,
-        args.device
-            .to_possible_value()
-            .expect("devices have names")
-            .get_name(),
-        rayon::current_num_threads()
+        eng.name(),
+        eng.precision(),
     );
+    if args.json {
+        eprintln!("{header}");
+    } else {
+        println!("{header}");
+    }
     let bar = ProgressBar::new((args.warmup + args.steps) as u64).with_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg}")?
             .progress_chars("=> "),
@@ -113,7 +160,9 @@ fn run_step(args: &BenchStepArgs) -> Result<()> {
             "timing "
         });
         let start = Instant::now();
-        let report = trainer.step(&eng, &device_batch, &step_cfg, step_cfg.sgd.lr as f64, None)?;
+        let report = trainer.step(eng, &device_batch, &step_cfg, step_cfg.sgd.lr as f64, None)?;
+        // The step's last op (the update) is queued, not finished: wait for it.
+        eng.download(eng.view(&trainer.params, 0..1))?;
         let seconds = start.elapsed().as_secs_f64();
         if i >= args.warmup {
             step_seconds.push(seconds);
@@ -124,16 +173,51 @@ fn run_step(args: &BenchStepArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     let step = median(step_seconds);
-    println!("median step      {:>10.1} ms", step * 1e3);
-    println!("images/s         {:>10.1}", images as f64 / step);
     let flops = 3.0 * 2.0 * Network::new(config).forward_macs(args.crop) as f64 * images as f64;
+    Ok(StepTiming {
+        engine: eng.name(),
+        precision: eng.precision(),
+        images_per_step: images,
+        median_step_ms: step * 1e3,
+        images_per_s: images as f64 / step,
+        flops_per_s: flops / step,
+        update_share: median(update_share),
+    })
+}
+
+/// Prints the timing; on a GPU also the peak device memory and the achieved share of the
+/// device's measured matrix rate.
+fn print_timing(args: &BenchStepArgs, t: &StepTiming, gpu: Option<(u64, f64)>) -> Result<()> {
+    if args.json {
+        let mut value = serde_json::to_value(t)?;
+        if let Some((peak, rate)) = gpu {
+            value["gpu_peak_memory_bytes"] = peak.into();
+            value["gpu_matmul_flops_per_s"] = rate.into();
+        }
+        println!("{value}");
+        return Ok(());
+    }
+    println!("median step      {:>10.1} ms", t.median_step_ms);
+    println!("images/s         {:>10.1}", t.images_per_s);
     println!(
         "GFLOP/s          {:>10.1} (forward + backward, convolutions and linear layers)",
-        flops / step / 1e9
+        t.flops_per_s / 1e9
     );
+    if let Some((peak, rate)) = gpu {
+        println!(
+            "matmul ceiling   {:>10.1} GFLOP/s measured ({} sgemm 8192^3): the step reaches {:.1} %",
+            rate / 1e9,
+            t.precision,
+            100.0 * t.flops_per_s / rate
+        );
+        println!(
+            "GPU memory peak  {:>10.2} GiB (the stream-ordered pool's high-water mark)",
+            peak as f64 / (1u64 << 30) as f64
+        );
+    }
     println!(
         "AGS + SGD share  {:>10.2} % of the step",
-        100.0 * median(update_share)
+        100.0 * t.update_share
     );
     Ok(())
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, ensure};
 use clap::Args;
 use serde::Serialize;
 
-use super::args::Device;
+use super::args::{EngineArgs, Matmul, with_engine};
 use super::pretrain::Progress;
 use crate::atomic::write_atomic;
 use crate::checkpoint;
@@ -17,7 +17,7 @@ use crate::data::PatchStore;
 use crate::data::plan::BagPlanConfig;
 use crate::data::synth::{SynthConfig, write_dataset};
 use crate::embed::{self, Embeddings, FeatureKind};
-use crate::engine::cpu::CpuEngine;
+use crate::engine::Engine;
 use crate::mil::{Adam, MilHead, MilTrainConfig, report};
 use crate::model::{ModelState, Surgery};
 use crate::plots;
@@ -73,8 +73,8 @@ pub struct DemoArgs {
     /// MIL training epochs.
     #[arg(long, default_value_t = 40)]
     pub mil_epochs: usize,
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    pub device: Device,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Replace the output folder's previous results.
     #[arg(long)]
     pub force: bool,
@@ -120,7 +120,6 @@ struct Row {
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
-    args.device.require_available()?;
     let started = Instant::now();
     let out = &args.out;
     ensure!(
@@ -157,16 +156,19 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         vec![VARIANTS[3]]
     };
     let mut rows = Vec::new();
-    for variant in variants {
-        eprintln!("== {}", variant.name);
-        rows.push(run_variant(
-            args,
-            variant,
-            &data.paths.train,
-            &data.paths.test,
-            plan.witnesses_per_bag(),
-        )?);
-    }
+    with_engine!(args.engine, Matmul::Tf32, |eng| {
+        for variant in variants {
+            eprintln!("== {}", variant.name);
+            rows.push(run_variant(
+                eng,
+                args,
+                variant,
+                &data.paths.train,
+                &data.paths.test,
+                plan.witnesses_per_bag(),
+            )?);
+        }
+    });
     let table = render_table(&rows, args, &plan);
     println!("\n{table}");
     println!(
@@ -199,7 +201,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     )
 }
 
-fn run_variant(
+fn run_variant<E: Engine>(
+    eng: &E,
     args: &DemoArgs,
     variant: Variant,
     train_store: &Path,
@@ -235,7 +238,7 @@ fn run_variant(
                 ..config.clone()
             };
             let mut progress = Progress::new();
-            let state = Run::create(&dir.join("run"), config)?.train(&CpuEngine, &mut progress)?;
+            let state = Run::create(eng, &dir.join("run"), config)?.train(eng, &mut progress)?;
             progress.bar.finish_and_clear();
             state
         }
@@ -246,7 +249,7 @@ fn run_variant(
     let embed_store = |store: &Path, name: &str| -> Result<Embeddings> {
         let store = PatchStore::open(store)?;
         let e = embed::embed(
-            &CpuEngine,
+            eng,
             &state,
             &store,
             FeatureKind::Projector,

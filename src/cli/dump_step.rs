@@ -6,11 +6,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, ensure};
 use clap::Args;
 
-use super::args::{ArchArgs, StepArgs};
+use super::args::{ArchArgs, EngineArgs, Matmul, StepArgs, with_engine};
 use crate::checkpoint::{TensorFile, TensorWriter};
 use crate::engine::Engine;
-use crate::engine::cpu::CpuEngine;
-use crate::model::{HostBatch, ModelState, Trainer};
+use crate::model::{HostBatch, ModelState, StepConfig, StepReport, Trainer};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
@@ -55,6 +54,49 @@ pub struct DumpStepArgs {
     pub batch_neg: usize,
     #[command(flatten)]
     pub step: StepArgs,
+    /// The engine (default matmul on cuda: exact, so that the dump checks the kernels).
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// One step's results, downloaded.
+struct StepDump {
+    engine: &'static str,
+    /// The arithmetic of the layers' products (see [`Engine::precision`]).
+    precision: &'static str,
+    report: StepReport,
+    g1: Vec<f32>,
+    g2: Vec<f32>,
+    combined: Vec<f32>,
+    after: ModelState,
+}
+
+impl StepDump {
+    fn run<E: Engine>(
+        eng: &E,
+        before: &ModelState,
+        batch: &HostBatch,
+        step_cfg: &StepConfig,
+    ) -> Result<Self> {
+        let mut trainer = Trainer::new(eng, before)?;
+        let mut combined = eng.zeros(trainer.net.param_len())?;
+        let report = trainer.step(
+            eng,
+            &batch.upload(eng)?,
+            step_cfg,
+            step_cfg.sgd.lr as f64,
+            Some(&mut combined),
+        )?;
+        Ok(Self {
+            engine: eng.name(),
+            precision: eng.precision(),
+            report,
+            g1: eng.download(eng.all(&trainer.g1))?,
+            g2: eng.download(eng.all(&trainer.g2))?,
+            combined: eng.download(eng.all(&combined))?,
+            after: trainer.state(eng)?,
+        })
+    }
 }
 
 /// Reads the four views from `path`.
@@ -109,17 +151,10 @@ pub fn run(args: &DumpStepArgs) -> Result<()> {
         Some(path) => read_inputs(path)?,
         None => HostBatch::random(args.batch_pos, args.batch_neg, args.crop, args.seed),
     };
-    let eng = CpuEngine;
-    let mut trainer = Trainer::new(&eng, &before)?;
-    let mut combined = eng.zeros(trainer.net.param_len())?;
-    let report = trainer.step(
-        &eng,
-        &batch.upload(&eng)?,
-        &step_cfg,
-        step_cfg.sgd.lr as f64,
-        Some(&mut combined),
-    )?;
-    let after = trainer.state(&eng)?;
+    let step = with_engine!(args.engine, Matmul::Exact, |eng| {
+        StepDump::run(eng, &before, &batch, &step_cfg)
+    })?;
+    let report = &step.report;
 
     let mut out = TensorWriter::new();
     let plane = [3, batch.crop, batch.crop];
@@ -132,24 +167,17 @@ pub fn run(args: &DumpStepArgs) -> Result<()> {
     }
     out.f32("loss.contrastive", &[1], &[report.loss_contrastive]);
     out.f32("loss.cohesion", &[1], &[report.loss_cohesion]);
-    let len = trainer.net.param_len();
-    out.f32(
-        "grad.contrastive",
-        &[len],
-        &eng.download(eng.all(&trainer.g1))?,
-    );
-    out.f32(
-        "grad.cohesion",
-        &[len],
-        &eng.download(eng.all(&trainer.g2))?,
-    );
-    out.f32("grad.combined", &[len], &eng.download(eng.all(&combined))?);
+    let len = step.g1.len();
+    out.f32("grad.contrastive", &[len], &step.g1);
+    out.f32("grad.cohesion", &[len], &step.g2);
+    out.f32("grad.combined", &[len], &step.combined);
     out.model_state("before.", &before)?;
-    out.model_state("after.", &after)?;
+    out.model_state("after.", &step.after)?;
     out.info("step", step_cfg)?;
     out.info("report", report)?;
-    out.info("engine", eng.name())?;
+    out.info("engine", step.engine)?;
     out.info("version", env!("CARGO_PKG_VERSION"))?;
+    out.info("precision", step.precision)?;
     out.write(&args.out)?;
 
     let c = report.combination;

@@ -6,11 +6,10 @@ use anyhow::{Result, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::args::Device;
+use super::args::{EngineArgs, Matmul, with_engine};
 use crate::checkpoint;
 use crate::data::PatchStore;
 use crate::embed::{self, FeatureKind};
-use crate::engine::cpu::CpuEngine;
 use crate::model::ModelState;
 use crate::pretrain::{self, PretrainConfig};
 
@@ -41,8 +40,8 @@ pub struct EmbedArgs {
     /// Patches per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    pub device: Device,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Replace the output if it exists.
     #[arg(long)]
     pub force: bool,
@@ -60,7 +59,6 @@ pub fn load_model(path: &Path) -> Result<(ModelState, Option<usize>)> {
 }
 
 pub fn run(args: &EmbedArgs) -> Result<()> {
-    args.device.require_available()?;
     ensure!(
         args.force || !args.out.exists(),
         "{} exists; pass --force to replace it",
@@ -77,15 +75,15 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         ProgressStyle::with_template("embed [{bar:30}] {pos}/{len} patches {per_sec} (eta {eta})")?
             .progress_chars("=> "),
     );
-    let embeddings = embed::embed(
-        &CpuEngine,
+    let embeddings = with_engine!(args.engine, Matmul::Tf32, |eng| embed::embed(
+        eng,
         &state,
         &store,
         args.features,
         crop,
         args.batch,
         |done, _| bar.set_position(done as u64),
-    )?;
+    ))?;
     bar.finish_and_clear();
     embeddings.save(&args.out)?;
     println!(

@@ -8,9 +8,9 @@ use anyhow::{Context, Result, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::args::Device;
+use super::args::{EngineArgs, Matmul, with_engine};
 use crate::data::sampler::SamplerMode;
-use crate::engine::cpu::CpuEngine;
+use crate::engine::Engine;
 use crate::model::Surgery;
 use crate::pretrain::{self, EpochLog, Objective, Observer, PretrainConfig, Run, StepLog};
 
@@ -39,8 +39,8 @@ pub struct PretrainArgs {
     /// TOML file of settings (flags override it).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    pub device: Device,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Architecture: resnet18 (the reference), resnet10 or resnet34.
     #[arg(long)]
     pub arch: Option<String>,
@@ -138,38 +138,14 @@ impl PretrainArgs {
 }
 
 pub fn run(args: &PretrainArgs) -> Result<()> {
-    args.device.require_available()?;
     // First, so that a signal during the set-up also ends in a clean stop.
     let mut progress = Progress::new();
     progress.stop_on_signals()?;
-    let mut run = match (&args.resume, &args.out) {
-        (Some(dir), _) => {
-            let mut changed = args.apply(None);
-            changed.retain(|&name| name != "max_steps");
-            if args.blocks.is_some() {
-                changed.push("blocks");
-            }
-            ensure!(
-                changed.is_empty(),
-                "a resumed run keeps its settings (from {}); only --max-steps, --device and                  --threads may be given, not --{}",
-                dir.join(pretrain::CONFIG_FILE).display(),
-                changed.join(", --").replace('_', "-")
-            );
-            let run = Run::resume(dir, args.max_steps)?;
-            eprintln!("resuming {} at step {}", dir.display(), run.step());
-            run
-        }
-        (None, Some(out)) => Run::create(out, args.config()?)?,
-        (None, None) => unreachable!("clap requires --out or --resume"),
-    };
-    // A run killed between its last checkpoint and the final model still gets the model.
-    ensure!(
-        run.step() < run.end_step() || !run.dir.join(pretrain::MODEL_FILE).exists(),
-        "the run in {} is already complete ({} steps); pass a larger --max-steps to go on",
-        run.dir.display(),
-        run.step()
-    );
-    let state = run.train(&CpuEngine, &mut progress)?;
+    let (run, state) = with_engine!(args.engine, Matmul::Tf32, |eng| {
+        let mut run = open_run(eng, args)?;
+        let state = run.train(eng, &mut progress)?;
+        (run, state)
+    });
     progress.bar.finish_and_clear();
     ensure!(
         run.step() == run.end_step(),
@@ -279,4 +255,37 @@ impl Observer for Progress {
     fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
+}
+
+/// The run --out starts or --resume continues, checked against `eng`'s memory.
+fn open_run<E: Engine>(eng: &E, args: &PretrainArgs) -> Result<Run> {
+    let run = match (&args.resume, &args.out) {
+        (Some(dir), _) => {
+            let mut changed = args.apply(None);
+            changed.retain(|&name| name != "max_steps");
+            if args.blocks.is_some() {
+                changed.push("blocks");
+            }
+            ensure!(
+                changed.is_empty(),
+                "a resumed run keeps its settings (from {}); only --max-steps, --device, \
+                 --matmul and --threads may be given, not --{}",
+                dir.join(pretrain::CONFIG_FILE).display(),
+                changed.join(", --").replace('_', "-")
+            );
+            let run = Run::resume(eng, dir, args.max_steps)?;
+            eprintln!("resuming {} at step {}", dir.display(), run.step());
+            run
+        }
+        (None, Some(out)) => Run::create(eng, out, args.config()?)?,
+        (None, None) => unreachable!("clap requires --out or --resume"),
+    };
+    // A run killed between its last checkpoint and the final model still gets the model.
+    ensure!(
+        run.step() < run.end_step() || !run.dir.join(pretrain::MODEL_FILE).exists(),
+        "the run in {} is already complete ({} steps); pass a larger --max-steps to go on",
+        run.dir.display(),
+        run.step()
+    );
+    Ok(run)
 }

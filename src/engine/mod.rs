@@ -185,6 +185,23 @@ pub trait Engine: Sync {
     /// A short name for reports ("cpu", "cuda").
     fn name(&self) -> &'static str;
 
+    /// The memory a training step may plan for on this engine's device (bytes), if known:
+    /// the host's available memory (or `SLAM_MEMORY_LIMIT`) by default.
+    fn memory_available(&self) -> Result<Option<u64>> {
+        crate::memory::available_bytes()
+    }
+
+    /// What [`Engine::memory_available`] measures, for messages.
+    fn memory_kind(&self) -> &'static str {
+        "memory"
+    }
+
+    /// The arithmetic of the convolutions' and linear layers' products: "f32", or the
+    /// tensor-core input rounding ("tf32", "bf16") an engine was asked for.
+    fn precision(&self) -> &'static str {
+        "f32"
+    }
+
     /// A zero-filled buffer of `len` values.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;

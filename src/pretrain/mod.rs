@@ -108,7 +108,8 @@ pub struct Run {
 impl Run {
     /// Starts a new run in `dir` (created; must be empty or absent, apart from the staging
     /// files an interrupted start may have left).
-    pub fn create(dir: &Path, config: PretrainConfig) -> Result<Self> {
+    /// The step's memory is checked against what `eng` has (see [`Engine::memory_available`]).
+    pub fn create<E: Engine>(eng: &E, dir: &Path, config: PretrainConfig) -> Result<Self> {
         config.validate()?;
         if dir.exists() {
             let entries =
@@ -125,7 +126,7 @@ impl Run {
         }
         let state = ModelState::init(config.net()?, config.seed)?;
         // Everything is checked before the folder is made: a refused run leaves nothing.
-        let run = Self::assemble(dir, config, state, None, 0, SamplerPosition::default())?;
+        let run = Self::assemble(eng, dir, config, state, None, 0, SamplerPosition::default())?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // The settings are the run's first file: once they exist, --resume can continue it.
         write_atomic(&dir.join(CONFIG_FILE), run.config.to_toml()?.as_bytes())?;
@@ -134,7 +135,7 @@ impl Run {
 
     /// Continues the run in `dir` from its latest complete checkpoint. `max_steps`, when given,
     /// replaces the run's own limit (to extend it).
-    pub fn resume(dir: &Path, max_steps: Option<u64>) -> Result<Self> {
+    pub fn resume<E: Engine>(eng: &E, dir: &Path, max_steps: Option<u64>) -> Result<Self> {
         let mut config = PretrainConfig::from_toml_file(&dir.join(CONFIG_FILE))
             .with_context(|| format!("{} is not a pretraining run folder", dir.display()))?;
         if max_steps.is_some() {
@@ -145,7 +146,7 @@ impl Run {
         let Some(checkpoint) = latest_checkpoint(dir)? else {
             // Stopped before its first checkpoint: the seeded start is the same as before.
             let state = ModelState::init(config.net()?, config.seed)?;
-            let run = Self::assemble(dir, config, state, None, 0, SamplerPosition::default())?;
+            let run = Self::assemble(eng, dir, config, state, None, 0, SamplerPosition::default())?;
             truncate_log(&dir.join(METRICS_FILE), |_| false)?;
             truncate_log(&dir.join(EPOCHS_FILE), |_| false)?;
             return Ok(run);
@@ -165,6 +166,7 @@ impl Run {
         )?;
         let momentum = file.f32_shaped("momentum", &[Network::new(state.config).param_len()])?;
         let run = Self::assemble(
+            eng,
             dir,
             config,
             state,
@@ -187,7 +189,8 @@ impl Run {
         Ok(run)
     }
 
-    fn assemble(
+    fn assemble<E: Engine>(
+        eng: &E,
         dir: &Path,
         config: PretrainConfig,
         state: ModelState,
@@ -216,6 +219,8 @@ impl Run {
         };
         memory::ensure_fits(
             Network::new(state.config).step_memory_bytes(largest_task, config.crop),
+            eng.memory_available()?,
+            eng.memory_kind(),
             &format!(
                 "a training step of {} patches ({} + {}) at crop {} with a {} network",
                 config.batch, split.positive, split.negative, config.crop, state.config

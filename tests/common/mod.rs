@@ -122,3 +122,43 @@ pub const TINY_RUN_FLAGS: [&str; 10] = [
     "--crop",
     "12",
 ];
+
+/// Whether the CUDA driver library loads here (a machine without it has no GPU).
+pub fn has_cuda_driver() -> bool {
+    // SAFETY: only tries to load the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The GPU, or None (with the reason printed) where there is none and SLAM_REQUIRE_GPU is
+/// unset (the GPU check script sets it, so that a missing GPU fails there). Any other
+/// failure to start fails the test.
+pub fn gpu() -> Option<slam_ags::engine::cuda::Gpu> {
+    use slam_ags::engine::cuda::Gpu;
+    match Gpu::new(0) {
+        Ok(gpu) => {
+            println!(
+                "GPU: {} (sm_{}{}), kernels {:?}",
+                gpu.name(),
+                gpu.compute_capability().0,
+                gpu.compute_capability().1,
+                gpu.kernel_sources()
+            );
+            Some(gpu)
+        }
+        Err(err) if err.is_no_gpu() && std::env::var_os("SLAM_REQUIRE_GPU").is_none() => {
+            println!("skipped: {err}");
+            None
+        }
+        Err(err) => panic!("cannot start the GPU: {err}"),
+    }
+}
+
+/// The CUDA engine in `mode` on [`gpu`]'s terms (None, with the reason printed, without a
+/// GPU).
+pub fn cuda_engine(
+    mode: slam_ags::engine::cuda::MatmulMode,
+) -> Option<slam_ags::engine::cuda::CudaEngine> {
+    let engine = slam_ags::engine::cuda::CudaEngine::from_gpu(gpu()?);
+    engine.gpu().set_matmul_mode(mode);
+    Some(engine)
+}

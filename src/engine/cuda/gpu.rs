@@ -1,6 +1,7 @@
 //! The CUDA runtime: one device, its context, one stream, cuBLAS, and the embedded kernels
 //! loaded once.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Result, ensure};
@@ -11,6 +12,11 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
+use super::blas::MatmulMode;
+use super::conv::ConvKernels;
+use super::linear::LinearKernels;
+use super::norm::NormKernels;
+use super::pool::PoolKernels;
 use super::view::{DevView, DevViewMut};
 use super::{KernelFile, kernel_file};
 
@@ -125,9 +131,13 @@ pub struct Gpu {
     sources: Vec<(&'static str, KernelSource)>,
     pub(super) ags: AgsKernels,
     pub(super) loss: LossKernels,
-    pub(super) norm: super::norm::NormKernels,
-    pub(super) pool: super::pool::PoolKernels,
+    pub(super) norm: NormKernels,
+    pub(super) pool: PoolKernels,
+    pub(super) conv: ConvKernels,
+    pub(super) linear: LinearKernels,
     scratch: Mutex<Scratch>,
+    /// The [`MatmulMode`] of the layers' products, as its index.
+    matmul_mode: AtomicU8,
 }
 
 impl Gpu {
@@ -166,11 +176,7 @@ impl Gpu {
             sources.push((name, source));
             Ok(module)
         };
-        let function = |module: &Arc<CudaModule>, name: &str| {
-            module
-                .load_function(name)
-                .map_err(driver(format!("loading kernel {name}")))
-        };
+        let function = load_function;
         let sm_count = sm_count.max(1) as u32;
         let resident = |f: &CudaFunction| {
             f.occupancy_max_active_blocks_per_multiprocessor(AGS_UPDATE_BLOCK, 0, None)
@@ -195,10 +201,11 @@ impl Gpu {
             cohesion_rowsum: function(&m, "cohesion_rowsum")?,
             cohesion_backward: function(&m, "cohesion_backward")?,
         };
-        let m = module("norm")?;
-        let norm = super::norm::NormKernels::load(|name| function(&m, name))?;
-        let m = module("pool")?;
-        let pool = super::pool::PoolKernels::load(|name| function(&m, name))?;
+        let norm = NormKernels::load(&module("norm")?)?;
+        let pool = PoolKernels::load(&module("pool")?)?;
+        let conv = ConvKernels::load(&module("conv")?)?;
+        let linear = LinearKernels::load(&module("linear")?)?;
+        keep_freed_memory(&ctx)?;
 
         let alloc = "allocating scratch buffers";
         let scratch = Scratch {
@@ -221,8 +228,90 @@ impl Gpu {
             loss,
             norm,
             pool,
+            conv,
+            linear,
             scratch: Mutex::new(scratch),
+            matmul_mode: AtomicU8::new(MatmulMode::Exact as u8),
         })
+    }
+
+    /// How the layers' products use the tensor cores from now on ([`MatmulMode::Exact`]
+    /// after [`Gpu::new`]).
+    pub fn set_matmul_mode(&self, mode: MatmulMode) {
+        self.matmul_mode.store(mode as u8, Ordering::Relaxed);
+    }
+
+    pub fn matmul_mode(&self) -> MatmulMode {
+        match self.matmul_mode.load(Ordering::Relaxed) {
+            m if m == MatmulMode::Tf32 as u8 => MatmulMode::Tf32,
+            m if m == MatmulMode::Bf16 as u8 => MatmulMode::Bf16,
+            _ => MatmulMode::Exact,
+        }
+    }
+
+    /// An uninitialized device buffer for an op's intermediates, from the stream-ordered
+    /// pool (which keeps freed memory, so a step's buffers are reused by the next step).
+    pub(super) fn scratch_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: every caller writes the values before it reads them.
+        Ok(unsafe { self.stream.alloc::<f32>(len) }?)
+    }
+
+    /// `(free, total)` bytes of device memory.
+    pub fn memory_info(&self) -> Result<(u64, u64)> {
+        self.ctx.bind_to_thread()?;
+        let (free, total) = cudarc::driver::result::mem_get_info()?;
+        Ok((free as u64, total as u64))
+    }
+
+    /// Restarts [`Gpu::peak_memory_bytes`] from what is in use now.
+    pub fn reset_peak_memory(&self) -> Result<()> {
+        self.set_pool_attribute(
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            0,
+        )
+    }
+
+    /// The most device memory the stream-ordered pool (every buffer the engine allocates)
+    /// has had in use since [`Gpu::new`] or [`Gpu::reset_peak_memory`].
+    pub fn peak_memory_bytes(&self) -> Result<u64> {
+        use cudarc::driver::sys;
+        let mut value = 0u64;
+        // SAFETY: reads one u64 attribute of this device's default pool.
+        unsafe {
+            sys::cuMemPoolGetAttribute(
+                self.default_pool()?,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut value) as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()?;
+        }
+        Ok(value)
+    }
+
+    fn default_pool(&self) -> Result<cudarc::driver::sys::CUmemoryPool> {
+        self.ctx.bind_to_thread()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) }
+            .result()?;
+        Ok(pool)
+    }
+
+    fn set_pool_attribute(
+        &self,
+        attr: cudarc::driver::sys::CUmemPool_attribute,
+        mut value: u64,
+    ) -> Result<()> {
+        // SAFETY: sets one u64 attribute of this device's default pool.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                self.default_pool()?,
+                attr,
+                (&mut value) as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()?;
+        }
+        Ok(())
     }
 
     /// The device's name, e.g. "NVIDIA H200".
@@ -351,6 +440,41 @@ impl Gpu {
             shared_mem_bytes: 0,
         }
     }
+}
+
+/// Function `name` of a loaded kernel file.
+pub(super) fn load_function(
+    module: &Arc<CudaModule>,
+    name: &str,
+) -> Result<CudaFunction, GpuError> {
+    module
+        .load_function(name)
+        .map_err(driver(format!("loading kernel {name}")))
+}
+
+/// Makes the device's default memory pool keep what is freed instead of returning it at each
+/// synchronization: the buffers a training step allocates are then served from the pool on
+/// every later step, which plans the activation memory once per shape in effect.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<(), GpuError> {
+    use cudarc::driver::sys;
+    let what = "configuring the memory pool";
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on this context's device; `threshold` outlives the call.
+    unsafe {
+        ctx.bind_to_thread().map_err(driver(what))?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(driver(what))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold) as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(driver(what))?;
+    }
+    Ok(())
 }
 
 /// Fails unless `got == want`, naming the buffer.

@@ -20,15 +20,23 @@
 //! [`Gpu::new`] returns [`GpuError::NoDriver`] and nothing else touches CUDA.
 
 mod ags;
+mod blas;
+mod conv;
+mod engine;
 mod gpu;
+mod linear;
 mod loss;
 mod norm;
 mod pool;
 mod view;
 
+pub use blas::MatmulMode;
+pub use conv::CONV_BLOCK;
+pub use engine::CudaEngine;
 pub use gpu::{
     AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, GpuError, KernelSource, LOSS_BLOCK, LOSS_COLS,
 };
+pub use linear::LINEAR_BLOCK;
 pub use loss::PairLoss;
 pub use norm::{NORM_BLOCK, NORM_CHUNK};
 pub use pool::POOL_BLOCK;

@@ -4,11 +4,11 @@
 //! pass over the same chunks applies the result. Same meaning as the
 //! [`crate::engine::Engine`] methods of the same names.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, ensure};
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::gpu::{Gpu, check_len};
 use super::view::{DevSlice, DevView, DevViewMut};
@@ -36,9 +36,8 @@ pub(super) struct NormKernels {
 }
 
 impl NormKernels {
-    pub(super) fn load(
-        function: impl Fn(&str) -> Result<CudaFunction, super::GpuError>,
-    ) -> Result<Self, super::GpuError> {
+    pub(super) fn load(m: &Arc<CudaModule>) -> Result<Self, super::GpuError> {
+        let function = |name| super::gpu::load_function(m, name);
         Ok(NormKernels {
             stats_partial: function("bn_stats_partial")?,
             stats_finalize: function("bn_stats_finalize")?,

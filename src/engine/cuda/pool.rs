@@ -2,8 +2,10 @@
 //! [`crate::engine::Engine`] methods of the same names; every result is bit-identical to the
 //! CPU engine's.
 
+use std::sync::Arc;
+
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use super::gpu::{Gpu, check_len};
 use super::view::{DevView, DevViewMut};
@@ -23,9 +25,8 @@ pub(super) struct PoolKernels {
 }
 
 impl PoolKernels {
-    pub(super) fn load(
-        function: impl Fn(&str) -> Result<CudaFunction, super::GpuError>,
-    ) -> Result<Self, super::GpuError> {
+    pub(super) fn load(m: &Arc<CudaModule>) -> Result<Self, super::GpuError> {
+        let function = |name| super::gpu::load_function(m, name);
         Ok(PoolKernels {
             max_forward: function("maxpool_forward")?,
             max_backward: function("maxpool_backward")?,

@@ -1,0 +1,308 @@
+//! 2-D convolution on the GPU as im2col (kernels/conv.cu) + cuBLAS products over the
+//! channel-major `[C, N, H, W]` batch, chunked over the images so that the unfolded matrix
+//! stays within [`COLS_BUDGET`]; the CPU twin is src/engine/cpu/conv.rs.
+//!
+//! Per chunk of `nb` images (`P = Ho*Wo` outputs each, `K = Cin*k*k`):
+//! forward `Y[:, chunk] = W cols`, backward `dW += dY[:, chunk] cols^T` (accumulated across
+//! the chunks in a fixed order) and `dX[:, chunk] += fold(W^T dY[:, chunk])`. A 1x1 stride-1
+//! convolution needs no unfolding: `X` itself is `cols` for the whole batch.
+//!
+//! In cuBLAS's column-major terms a row-major `[r, c]` matrix with row stride `ld` is its
+//! transpose, so `Y = W cols` is computed as `Y^T[cn, Cout] = cols^T[cn, K] W^T[K, Cout]`.
+
+use anyhow::{Result, ensure};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use super::blas::Operand;
+use super::gpu::{Gpu, GpuError, check_len, load_function};
+use super::view::{DevSlice, DevView, DevViewMut};
+use crate::engine::Conv2d;
+
+/// `CONV_BLOCK` of kernels/conv.cu.
+pub const CONV_BLOCK: u32 = 256;
+
+/// Upper bound on one chunk's unfolded matrix, in f32 values (256 MiB): large enough that
+/// the products are not skinny, small enough to sit beside the activations.
+const COLS_BUDGET: usize = 64 << 20;
+
+/// The functions of kernels/conv.cu.
+pub(super) struct ConvKernels {
+    im2col: CudaFunction,
+    col2im: CudaFunction,
+}
+
+impl ConvKernels {
+    pub fn load(m: &Arc<CudaModule>) -> Result<Self, GpuError> {
+        Ok(Self {
+            im2col: load_function(m, "conv_im2col")?,
+            col2im: load_function(m, "conv_col2im")?,
+        })
+    }
+}
+
+/// `ConvShape` of kernels/conv.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvShape {
+    batch: u32,
+    in_h: u32,
+    in_w: u32,
+    out_h: u32,
+    out_w: u32,
+    kernel: u32,
+    stride: u32,
+    pad: u32,
+}
+
+// SAFETY: a plain struct of u32s with the kernel's layout.
+unsafe impl cudarc::driver::DeviceRepr for ConvShape {}
+
+fn is_pointwise(s: &Conv2d) -> bool {
+    s.kernel == 1 && s.stride == 1 && s.pad == 0
+}
+
+/// Images per chunk.
+fn chunk_images(s: &Conv2d) -> usize {
+    let per_image = s.in_channels * s.kernel * s.kernel * s.out_h() * s.out_w();
+    (COLS_BUDGET / per_image.max(1)).clamp(1, s.batch.max(1))
+}
+
+/// Checks the shape against the kernels' index types and returns it in their form.
+fn conv_shape(s: &Conv2d) -> Result<ConvShape> {
+    ensure!(
+        s.kernel > 0
+            && s.stride > 0
+            && s.in_h + 2 * s.pad >= s.kernel
+            && s.in_w + 2 * s.pad >= s.kernel,
+        "convolution shape {s:?} has no output"
+    );
+    let rows = s.in_channels * s.kernel * s.kernel;
+    ensure!(
+        rows <= 65535,
+        "convolution with {rows} unfolded rows is beyond the CUDA kernels' 65535"
+    );
+    let fits = |v: usize| u32::try_from(v).is_ok();
+    ensure!(
+        fits(s.batch * s.in_h * s.in_w) && fits(s.batch * s.out_h() * s.out_w()),
+        "convolution batch too large for the CUDA kernels: {s:?}"
+    );
+    Ok(ConvShape {
+        batch: s.batch as u32,
+        in_h: s.in_h as u32,
+        in_w: s.in_w as u32,
+        out_h: s.out_h() as u32,
+        out_w: s.out_w() as u32,
+        kernel: s.kernel as u32,
+        stride: s.stride as u32,
+        pad: s.pad as u32,
+    })
+}
+
+/// Grid for `rows` rows of `row_len` values: at most 1024 blocks per row (grid-stride).
+fn rows_grid(rows: usize, row_len: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            row_len.div_ceil(CONV_BLOCK as usize).clamp(1, 1024) as u32,
+            rows as u32,
+            1,
+        ),
+        block_dim: (CONV_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Offset by `values` f32s.
+fn at(ptr: &CUdeviceptr, values: usize) -> CUdeviceptr {
+    ptr + 4 * values as CUdeviceptr
+}
+
+impl Gpu {
+    /// `y = conv(x, w)`; `y` is written.
+    pub fn conv2d_forward(
+        &self,
+        s: &Conv2d,
+        x: DevView<'_>,
+        w: DevView<'_>,
+        y: DevViewMut<'_>,
+    ) -> Result<()> {
+        check_len("conv2d input", x.len(), s.in_len())?;
+        check_len("conv2d weight", w.len(), s.weight_len())?;
+        check_len("conv2d output", y.len(), s.out_len())?;
+        let shape = conv_shape(s)?;
+        let (k, cout) = (s.in_channels * s.kernel * s.kernel, s.out_channels);
+        let plane = s.out_h() * s.out_w();
+        let ld_y = s.batch * plane;
+        if is_pointwise(s) {
+            // SAFETY: x is [Cin, N*P], w [Cout, Cin], y [Cout, N*P] (lengths checked).
+            return unsafe {
+                self.gemm(
+                    (ld_y, cout, k),
+                    Operand::n(*x.ptr(), ld_y),
+                    Operand::n(*w.ptr(), k),
+                    0.0,
+                    *y.ptr(),
+                    ld_y,
+                )
+            };
+        }
+        let chunk = chunk_images(s);
+        let mut cols = self.scratch_f32(k * chunk * plane)?;
+        for n0 in (0..s.batch).step_by(chunk) {
+            let nb = chunk.min(s.batch - n0);
+            let cn = nb * plane;
+            self.im2col(&shape, x, n0, nb, k, cols.dev_mut())?;
+            // SAFETY: cols holds [K, cn]; y's chunk is columns n0*P.. of [Cout, N*P].
+            unsafe {
+                self.gemm(
+                    (cn, cout, k),
+                    Operand::n(*cols.dev().ptr(), cn),
+                    Operand::n(*w.ptr(), k),
+                    0.0,
+                    at(y.ptr(), n0 * plane),
+                    ld_y,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `dw += dL/dw`, and `dx += dL/dx` when `dx` is given.
+    pub fn conv2d_backward(
+        &self,
+        s: &Conv2d,
+        x: DevView<'_>,
+        w: DevView<'_>,
+        dy: DevView<'_>,
+        dw: DevViewMut<'_>,
+        dx: Option<DevViewMut<'_>>,
+    ) -> Result<()> {
+        check_len("conv2d input", x.len(), s.in_len())?;
+        check_len("conv2d weight", w.len(), s.weight_len())?;
+        check_len("conv2d output gradient", dy.len(), s.out_len())?;
+        check_len("conv2d weight gradient", dw.len(), s.weight_len())?;
+        if let Some(dx) = &dx {
+            check_len("conv2d input gradient", dx.len(), s.in_len())?;
+        }
+        let shape = conv_shape(s)?;
+        let (k, cout) = (s.in_channels * s.kernel * s.kernel, s.out_channels);
+        let plane = s.out_h() * s.out_w();
+        let ld_y = s.batch * plane;
+        if is_pointwise(s) {
+            // SAFETY: as in conv2d_forward; dx is [Cin, N*P] like x.
+            unsafe {
+                // dW^T[Cin, Cout] += X[Cin, NP] dY^T[NP, Cout]
+                self.gemm(
+                    (k, cout, ld_y),
+                    Operand::t(*x.ptr(), ld_y),
+                    Operand::n(*dy.ptr(), ld_y),
+                    1.0,
+                    *dw.ptr(),
+                    k,
+                )?;
+                // dX^T[NP, Cin] += dY^T[NP, Cout] W[Cout, Cin]
+                if let Some(dx) = dx {
+                    self.gemm(
+                        (ld_y, k, cout),
+                        Operand::n(*dy.ptr(), ld_y),
+                        Operand::t(*w.ptr(), k),
+                        1.0,
+                        *dx.ptr(),
+                        ld_y,
+                    )?;
+                }
+            }
+            return Ok(());
+        }
+        let chunk = chunk_images(s);
+        let mut cols = self.scratch_f32(k * chunk * plane)?;
+        for n0 in (0..s.batch).step_by(chunk) {
+            let nb = chunk.min(s.batch - n0);
+            let cn = nb * plane;
+            let dy_chunk = at(dy.ptr(), n0 * plane);
+            self.im2col(&shape, x, n0, nb, k, cols.dev_mut())?;
+            let cols_ptr = *cols.dev().ptr();
+            // SAFETY: cols holds [K, cn]; dy's chunk is columns n0*P.. of [Cout, N*P].
+            unsafe {
+                // dW^T[K, Cout] += cols[K, cn] dY_chunk^T[cn, Cout]
+                self.gemm(
+                    (k, cout, cn),
+                    Operand::t(cols_ptr, cn),
+                    Operand::n(dy_chunk, ld_y),
+                    1.0,
+                    *dw.ptr(),
+                    k,
+                )?;
+            }
+            if let Some(dx) = &dx {
+                // SAFETY: as above; the product overwrites cols after the dW product read
+                // it (one stream, in order).
+                unsafe {
+                    // dcols^T[cn, K] = dY_chunk^T[cn, Cout] W[Cout, K]
+                    self.gemm(
+                        (cn, k, cout),
+                        Operand::n(dy_chunk, ld_y),
+                        Operand::t(*w.ptr(), k),
+                        0.0,
+                        cols_ptr,
+                        cn,
+                    )?;
+                }
+                self.col2im(&shape, cols.dev(), n0, nb, s.in_channels, dx.ptr())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn im2col(
+        &self,
+        shape: &ConvShape,
+        x: DevView<'_>,
+        n0: usize,
+        nb: usize,
+        rows: usize,
+        cols: DevViewMut<'_>,
+    ) -> Result<()> {
+        let row_len = nb * (shape.out_h * shape.out_w) as usize;
+        let (n0, nb) = (n0 as u32, nb as u32);
+        // SAFETY: x holds the whole batch, cols at least rows * row_len values (the caller
+        // sized it for the largest chunk); indices fit u32 (conv_shape).
+        unsafe {
+            self.stream
+                .launch_builder(&self.conv.im2col)
+                .arg(x.ptr())
+                .arg(shape)
+                .arg(&n0)
+                .arg(&nb)
+                .arg(cols.ptr())
+                .launch(rows_grid(rows, row_len))?;
+        }
+        Ok(())
+    }
+
+    fn col2im(
+        &self,
+        shape: &ConvShape,
+        dcols: DevView<'_>,
+        n0: usize,
+        nb: usize,
+        channels: usize,
+        dx: &CUdeviceptr,
+    ) -> Result<()> {
+        let pixels = nb * (shape.in_h * shape.in_w) as usize;
+        let (n0, nb) = (n0 as u32, nb as u32);
+        // SAFETY: as in im2col; dx holds the whole batch.
+        unsafe {
+            self.stream
+                .launch_builder(&self.conv.col2im)
+                .arg(dcols.ptr())
+                .arg(shape)
+                .arg(&n0)
+                .arg(&nb)
+                .arg(dx)
+                .launch(rows_grid(channels, pixels))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! Linear layers on feature-major `[features, N]` matrices on the GPU: `Y = W X + b` as one
+//! cuBLAS product and kernels/linear.cu for the bias, the ReLU and the bias gradient; the
+//! CPU twin is src/engine/cpu/linear.rs. Column-major, the row-major `[out, N]` output is
+//! `Y^T[N, out] = X^T[N, in] W^T[in, out]`.
+
+use std::sync::Arc;
+
+use anyhow::{Result, ensure};
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use super::blas::Operand;
+use super::gpu::{Gpu, GpuError, check_len, load_function};
+use super::view::{DevView, DevViewMut};
+use crate::engine::Linear;
+
+/// `LINEAR_BLOCK` of kernels/linear.cu.
+pub const LINEAR_BLOCK: u32 = 256;
+
+/// The functions of kernels/linear.cu.
+pub(super) struct LinearKernels {
+    bias_act: CudaFunction,
+    relu_mask: CudaFunction,
+    bias_grad: CudaFunction,
+}
+
+impl LinearKernels {
+    pub fn load(m: &Arc<CudaModule>) -> Result<Self, GpuError> {
+        Ok(Self {
+            bias_act: load_function(m, "linear_bias_act")?,
+            relu_mask: load_function(m, "relu_mask")?,
+            bias_grad: load_function(m, "linear_bias_grad")?,
+        })
+    }
+}
+
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            n.div_ceil(LINEAR_BLOCK as usize).clamp(1, 4096) as u32,
+            1,
+            1,
+        ),
+        block_dim: (LINEAR_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check_linear(s: &Linear) -> Result<(u32, u32)> {
+    ensure!(
+        u32::try_from(s.out_features * s.batch).is_ok()
+            && u32::try_from(s.in_features * s.batch).is_ok(),
+        "linear layer too large for the CUDA kernels: {s:?}"
+    );
+    Ok((s.out_features as u32, s.batch as u32))
+}
+
+impl Gpu {
+    /// `y = act(W x + b)` with `wb = [W; b]`. Writes `y`.
+    pub fn linear_forward(
+        &self,
+        s: &Linear,
+        x: DevView<'_>,
+        wb: DevView<'_>,
+        relu: bool,
+        y: DevViewMut<'_>,
+    ) -> Result<()> {
+        check_len("linear input", x.len(), s.in_features * s.batch)?;
+        check_len("linear parameters", wb.len(), s.param_len())?;
+        check_len("linear output", y.len(), s.out_features * s.batch)?;
+        let (rows, cols) = check_linear(s)?;
+        let (n, din, dout) = (s.batch, s.in_features, s.out_features);
+        let bias = wb.slice(dout * din..s.param_len());
+        // SAFETY: x is [in, N], W [out, in], y [out, N] (lengths checked).
+        unsafe {
+            self.gemm(
+                (n, dout, din),
+                Operand::n(*x.ptr(), n),
+                Operand::n(*wb.ptr(), din),
+                0.0,
+                *y.ptr(),
+                n,
+            )?;
+            self.stream
+                .launch_builder(&self.linear.bias_act)
+                .arg(y.ptr())
+                .arg(bias.ptr())
+                .arg(&rows)
+                .arg(&cols)
+                .arg(&i32::from(relu))
+                .launch(elementwise(y.len()))?;
+        }
+        Ok(())
+    }
+
+    /// Backward of [`Gpu::linear_forward`]: with `relu_out = Some(y)`, first
+    /// `dy <- dy [y > 0]` in place; then `dW += dy x^T`, `db += sum_n dy`, and
+    /// `dx += W^T dy` when `dx` is given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_backward(
+        &self,
+        s: &Linear,
+        x: DevView<'_>,
+        wb: DevView<'_>,
+        relu_out: Option<DevView<'_>>,
+        dy: DevViewMut<'_>,
+        dwb: DevViewMut<'_>,
+        dx: Option<DevViewMut<'_>>,
+    ) -> Result<()> {
+        let out_len = s.out_features * s.batch;
+        check_len("linear input", x.len(), s.in_features * s.batch)?;
+        check_len("linear parameters", wb.len(), s.param_len())?;
+        check_len("linear output gradient", dy.len(), out_len)?;
+        check_len("linear parameter gradient", dwb.len(), s.param_len())?;
+        if let Some(y) = &relu_out {
+            check_len("linear output", y.len(), out_len)?;
+        }
+        if let Some(dx) = &dx {
+            check_len("linear input gradient", dx.len(), s.in_features * s.batch)?;
+        }
+        let (rows, cols) = check_linear(s)?;
+        let (n, din, dout) = (s.batch, s.in_features, s.out_features);
+        let dw = *dwb.ptr();
+        let db = dwb.slice_mut(dout * din..s.param_len());
+        // SAFETY: shapes as in linear_forward, lengths checked.
+        unsafe {
+            if let Some(y) = relu_out {
+                let len = out_len as u64;
+                self.stream
+                    .launch_builder(&self.linear.relu_mask)
+                    .arg(dy.ptr())
+                    .arg(y.ptr())
+                    .arg(&len)
+                    .launch(elementwise(out_len))?;
+            }
+            // dW^T[in, out] += X[in, N] dY^T[N, out]
+            self.gemm(
+                (din, dout, n),
+                Operand::t(*x.ptr(), n),
+                Operand::n(*dy.ptr(), n),
+                1.0,
+                dw,
+                din,
+            )?;
+            let warps = LINEAR_BLOCK / 32;
+            self.stream
+                .launch_builder(&self.linear.bias_grad)
+                .arg(dy.ptr())
+                .arg(&rows)
+                .arg(&cols)
+                .arg(db.ptr())
+                .launch(LaunchConfig {
+                    grid_dim: (rows.div_ceil(warps).max(1), 1, 1),
+                    block_dim: (LINEAR_BLOCK, 1, 1),
+                    shared_mem_bytes: 0,
+                })?;
+            // dX^T[N, in] += dY^T[N, out] W[out, in]
+            if let Some(dx) = dx {
+                self.gemm(
+                    (n, din, dout),
+                    Operand::n(*dy.ptr(), n),
+                    Operand::t(*wb.ptr(), din),
+                    1.0,
+                    *dx.ptr(),
+                    n,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
