@@ -23,7 +23,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
 import slam_torch as st  # noqa: E402
 
@@ -31,12 +30,7 @@ VIEWS = ("pos_i", "pos_j", "neg_i", "neg_j")
 
 
 def load(path):
-    tensors = {}
-    with safe_open(path, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        for k in fh.keys():
-            tensors[k] = fh.get_tensor(k)
-    return tensors, meta
+    return st.load_safetensors(path)
 
 
 def describe(path, tensors, meta):

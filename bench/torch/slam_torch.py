@@ -398,5 +398,29 @@ def synthetic_patches(count, side=250, seed=0):
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+_ST_DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+              "F16": np.float16, "U8": np.uint8}
+
+
+def load_safetensors(path):
+    """(dict name -> CPU tensor, metadata dict) of a safetensors file, read with numpy only
+    (the GPU machines have PyTorch but maybe not the safetensors package). Layout: u64 LE
+    header length, JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {..}},
+    then the data."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        raw = np.fromfile(fh, dtype=np.uint8, offset=0)
+    meta = header.pop("__metadata__", {}) or {}
+    tensors = {}
+    for name, h in header.items():
+        if h["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: {name} has dtype {h['dtype']}, not supported here")
+        start, end = h["data_offsets"]
+        arr = raw[start:end].view(_ST_DTYPES[h["dtype"]]).reshape(h["shape"])
+        tensors[name] = torch.from_numpy(arr.copy())
+    return tensors, meta
+
+
 def dumps(obj):
     return json.dumps(obj, sort_keys=True)
