@@ -125,6 +125,7 @@ pub struct Gpu {
     sources: Vec<(&'static str, KernelSource)>,
     pub(super) ags: AgsKernels,
     pub(super) loss: LossKernels,
+    pub(super) augment: super::augment::AugmentKernels,
     scratch: Mutex<Scratch>,
 }
 
@@ -194,6 +195,9 @@ impl Gpu {
             cohesion_backward: function(&m, "cohesion_backward")?,
         };
 
+        let m = module("augment")?;
+        let augment = super::augment::AugmentKernels::new(function(&m, "augment_views")?);
+
         let alloc = "allocating scratch buffers";
         let scratch = Scratch {
             partials: stream
@@ -213,6 +217,7 @@ impl Gpu {
             sources,
             ags,
             loss,
+            augment,
             scratch: Mutex::new(scratch),
         })
     }

@@ -12,15 +12,19 @@
 //! [`Gpu`] opens a device and loads the kernels once; its ops ([`Gpu::ntxent`],
 //! [`Gpu::cohesion`], [`Gpu::grad_dots`], [`Gpu::combine_grads`], [`Gpu::sgd_step`]) mean
 //! what the [`crate::engine::Engine`] methods of the same names mean, and each kernel has the
-//! CPU engine's op as its twin (`tests/cuda_kernels.rs` holds them against each other). The
+//! CPU engine's op as its twin (`tests/cuda_kernels.rs` holds them against each other).
+//! [`Gpu::augment`] renders views from u8 patches (twin: the CPU augmentation's `render_batch`,
+//! held against it by `tests/cuda_augment.rs`). The
 //! CUDA libraries are loaded at run time: on a machine without them [`Gpu::new`] returns
 //! [`GpuError::NoDriver`] and nothing else touches CUDA.
 
 mod ags;
+mod augment;
 mod gpu;
 mod loss;
 mod view;
 
+pub use augment::{AUGMENT_BLOCK, AugShape, AugView, check_augment};
 pub use gpu::{
     AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, GpuError, KernelSource, LOSS_BLOCK, LOSS_COLS,
 };
