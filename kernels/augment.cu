@@ -240,9 +240,8 @@ extern "C" __global__ void __launch_bounds__(AUG_BLOCK)
             o[0][i] = o[1][i] = o[2][i] = 0.0f;
             if (i >= n) continue;
             const u32 x = x0 + i;
-            const u32 fx = flip ? crop - 1 - x : x;
-            const u32 sy = rotate ? fx : y;
-            const u32 sx = rotate ? (flip ? y : crop - 1 - y) : fx;
+            const u32 sy = rotate ? x : y;
+            const u32 sx = rotate ? (flip ? y : crop - 1 - y) : (flip ? crop - 1 - x : x);
             const u8* px = src + sy * row + 3 * sx;
             const u32 br = __ldg(px), bg = __ldg(px + 1), bb = __ldg(px + 2);
             if (!jitter) {
