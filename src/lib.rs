@@ -9,6 +9,8 @@
 //!   generic over the engine.
 //! - [`data`]: the packed patch store, image folders and synthetic data to stores, the
 //!   balanced sampler and the augmentation that turns patches into batches; knows no engine.
+//! - [`gpu_data`]: the glue between the two: the CPU-drawn views as the CUDA view kernel's
+//!   records, and the store's pixels on the GPU (resident, or streamed double-buffered).
 //! - [`pretrain`]: a pretraining run: sampler, augmentation and step in a loop, with metrics,
 //!   checkpoints and exact resume.
 //! - [`embed`]: a trained model over every patch of a store, and the embeddings file.
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod data;
 pub mod embed;
 pub mod engine;
+pub mod gpu_data;
 pub mod memory;
 pub mod mil;
 pub mod model;

@@ -8,8 +8,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::median;
+use crate::data::augment::{AugmentConfig, ViewJob, ViewParams};
+use crate::data::rng::ViewKey;
+use crate::data::store::PatchSize;
 use crate::engine::cuda::{DevSlice, Gpu, PairLoss};
 use crate::engine::{SgdUpdate, ViewPair};
+use crate::gpu_data::{aug_shape, view_table};
 
 #[derive(Args, Debug)]
 pub struct BenchKernelsArgs {
@@ -25,6 +29,15 @@ pub struct BenchKernelsArgs {
     /// Embedding size of the losses (the reference: 512).
     #[arg(long, default_value_t = 512)]
     pub dim: usize,
+    /// Views per launch of the augmentation kernel (the reference: 4 views x 128 = 512).
+    #[arg(long, default_value_t = 512)]
+    pub views: usize,
+    /// Side of the square u8 patches the augmentation reads (the reference: 256).
+    #[arg(long, default_value_t = 256)]
+    pub patch: usize,
+    /// Side of the views it writes (the reference: 224).
+    #[arg(long, default_value_t = 224)]
+    pub crop: usize,
     /// Timed runs of each op (the median is reported).
     #[arg(long, default_value_t = 200)]
     pub runs: usize,
@@ -51,8 +64,8 @@ struct Row {
 pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
     ensure!(
-        args.params > 0 && args.n > 0 && args.dim > 0,
-        "--params, --n and --dim must be positive"
+        args.params > 0 && args.n > 0 && args.dim > 0 && args.views > 0,
+        "--params, --n, --dim and --views must be positive"
     );
     let gpu = Gpu::new(args.gpu).context("slam bench kernels needs a CUDA GPU")?;
     let (major, minor) = gpu.compute_capability();
@@ -212,6 +225,8 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         });
     }
 
+    rows.push(bench_augment(args, &gpu, &mut rng, &time)?);
+
     let copy_gbs = rows[0].bytes.expect("copy bytes") / rows[0].median_us / 1e3;
     println!(
         "{:<42} {:>22} {:>10} {:>10} {:>10} {:>9} {:>10}",
@@ -237,4 +252,62 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
          once); the copy counts bytes read + written."
     );
     Ok(())
+}
+
+/// `time` of [`run`]: an op's median and fastest microseconds.
+type Timer<'a> = dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<(f64, f64)> + 'a;
+
+/// The fused view kernel over `--views` views of a step (a quarter center crops, the rest
+/// contrastive views with the reference's jitter, as a SLAM step has them) of random patches
+/// resident on the device, view table upload included. It must move every view's crop in
+/// (u8, read once) and its normalized f32 CHW out: 15 bytes per output pixel.
+fn bench_augment(
+    args: &BenchKernelsArgs,
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    time: &Timer<'_>,
+) -> Result<Row> {
+    let cfg = AugmentConfig {
+        crop: args.crop,
+        ..AugmentConfig::default()
+    };
+    let size = PatchSize::square(args.patch);
+    let shape = aug_shape(&cfg, size)?;
+    // Distinct patches for every view, so that no view is served from another's cache lines.
+    let patches = args.views;
+    let host: Vec<u8> = (0..patches * size.bytes()).map(|_| rng.random()).collect();
+    let pixels: CudaSlice<u8> = gpu.upload(&host)?;
+    let center = ViewParams::center(&cfg, size)?;
+    let jobs = (0..args.views)
+        .map(|v| {
+            let params = if v % 4 == 2 {
+                center
+            } else {
+                let key = ViewKey {
+                    seed: 1,
+                    step: 0,
+                    slot: v as u32,
+                    view: 0,
+                };
+                ViewParams::contrastive(&cfg, size, key)?
+            };
+            Ok(ViewJob {
+                patch: v as u32,
+                params,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (table, ranges) = view_table(&[&jobs], cfg.crop, Ok)?;
+    let mut out: CudaSlice<f32> = gpu.zeros(ranges[0].end)?;
+    let (px, mut ov) = (pixels.dev(), out.dev_mut());
+    let (median_us, min_us) = time(&mut || gpu.augment(px, &shape, &table, ov.reborrow()))?;
+    let pixels_out = (args.views * cfg.crop * cfg.crop) as f64;
+    Ok(Row {
+        name: "augment views (u8 HWC -> f32 CNHW)",
+        size: format!("{} x {}^2 of {}^2", args.views, cfg.crop, args.patch),
+        median_us,
+        min_us,
+        bytes: Some(15.0 * pixels_out),
+        flops: None,
+    })
 }

@@ -12,6 +12,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
+use super::augment::AugmentKernels;
 use super::blas::MatmulMode;
 use super::conv::ConvKernels;
 use super::linear::LinearKernels;
@@ -118,7 +119,7 @@ pub(super) struct Scratch {
 /// One CUDA device with its context, a stream every op is queued on (in order), a cuBLAS
 /// handle on that stream, and the embedded kernels, loaded once.
 ///
-/// Ops take cudarc buffers and views ([`CudaSlice`], [`CudaView`], `CudaViewMut`) and are
+/// Ops take device views ([`DevView`], [`DevViewMut`]) of cudarc buffers ([`CudaSlice`]) and are
 /// asynchronous unless they return a host value. Errors of a kernel that faults show up at
 /// the next call that waits for the device (a download, [`Gpu::synchronize`]).
 pub struct Gpu {
@@ -135,6 +136,7 @@ pub struct Gpu {
     pub(super) pool: PoolKernels,
     pub(super) conv: ConvKernels,
     pub(super) linear: LinearKernels,
+    pub(super) augment: AugmentKernels,
     scratch: Mutex<Scratch>,
     /// The [`MatmulMode`] of the layers' products, as its index.
     matmul_mode: AtomicU8,
@@ -207,6 +209,8 @@ impl Gpu {
         let linear = LinearKernels::load(&module("linear")?)?;
         keep_freed_memory(&ctx)?;
 
+        let augment = AugmentKernels::load(&module("augment")?)?;
+
         let alloc = "allocating scratch buffers";
         let scratch = Scratch {
             partials: stream
@@ -230,6 +234,7 @@ impl Gpu {
             pool,
             conv,
             linear,
+            augment,
             scratch: Mutex::new(scratch),
             matmul_mode: AtomicU8::new(MatmulMode::Exact as u8),
         })

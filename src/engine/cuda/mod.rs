@@ -9,17 +9,19 @@
 //!
 //! The kernel sources include no headers so that NVRTC compiles them as they are.
 //!
-//! [`Gpu`] opens a device and loads the kernels once; its ops ([`Gpu::ntxent`],
-//! [`Gpu::cohesion`], [`Gpu::grad_dots`], [`Gpu::combine_grads`], [`Gpu::sgd_step`], the
-//! batch norm ops [`Gpu::batchnorm_train_forward`], [`Gpu::batchnorm_eval_forward`],
-//! [`Gpu::batchnorm_train_backward`] and the pooling ops [`Gpu::maxpool_forward`],
-//! [`Gpu::maxpool_backward`], [`Gpu::avgpool_forward`], [`Gpu::avgpool_backward`]) mean what
-//! the [`crate::engine::Engine`] methods of the same names mean, and each kernel has the CPU
-//! engine's op as its twin (`tests/cuda_kernels.rs` and `tests/cuda_layers.rs` hold them
-//! against each other). The CUDA libraries are loaded at run time: on a machine without them
-//! [`Gpu::new`] returns [`GpuError::NoDriver`] and nothing else touches CUDA.
+//! [`Gpu`] opens a device and loads the kernels once; its ops ([`Gpu::pair_loss`] for
+//! `ntxent` and `cohesion`, [`Gpu::grad_dots`], [`Gpu::combine_grads`], [`Gpu::sgd_step`], the
+//! convolution, batch norm, pooling and linear ops) mean what the [`crate::engine::Engine`]
+//! methods of the same names mean, and each kernel has the CPU engine's op as its twin
+//! (`tests/cuda_kernels.rs`, `tests/cuda_layers.rs` and `tests/cuda_engine.rs` hold them
+//! against each other). [`CudaEngine`] is the [`crate::engine::Engine`] on them.
+//! [`Gpu::augment`] renders training views from u8 patches on the device (twin: the CPU
+//! augmentation's `render_batch`, held against it by `tests/cuda_augment.rs`). The CUDA
+//! libraries are loaded at run time: on a machine without them [`Gpu::new`] returns
+//! [`GpuError::NoDriver`] and nothing else touches CUDA.
 
 mod ags;
+mod augment;
 mod blas;
 mod conv;
 mod engine;
@@ -30,6 +32,7 @@ mod norm;
 mod pool;
 mod view;
 
+pub use augment::{AUGMENT_BLOCK, AugShape, AugView, check_augment};
 pub use blas::MatmulMode;
 pub use conv::CONV_BLOCK;
 pub use engine::CudaEngine;
