@@ -5,8 +5,8 @@
 #   bash bench/gpu-e2e.sh OUT [--slam PATH] [--quick]
 #
 # Runs, each under its own timeout, every log and JSON under OUT:
-#   1. slam bench e2e --device cuda --json --compute tf32     (our pretraining, reference config)
-#   2. slam bench e2e --device cuda --json --compute bf16
+#   1. slam bench e2e --device cuda --json --matmul tf32     (our pretraining, reference config)
+#   2. slam bench e2e --device cuda --json --matmul bf16
 #   3. PyTorch (a) reference: PIL + torchvision transforms in DataLoader workers, fp32
 #   4. PyTorch (b) fast: GPU data + augmentation, channels_last, bf16 autocast, torch.compile
 #   5. PyTorch (b) without torch.compile (a fallback row should compile fail or time out)
@@ -109,7 +109,7 @@ fi
 # 1-2: ours at the reference configuration (its defaults).
 for mode in tf32 bf16; do
     if [[ -n $SLAM ]]; then
-        part "slam-$mode" 150 "$SLAM" bench e2e --device cuda --json --compute "$mode" "${E2E_STEPS[@]}"
+        part "slam-$mode" 150 "$SLAM" bench e2e --device cuda --json --matmul "$mode" "${E2E_STEPS[@]}"
     else
         part "slam-$mode" 5 no_slam
     fi

@@ -459,6 +459,47 @@ fn pretrain_refuses_a_step_that_does_not_fit_in_memory() {
 }
 
 #[test]
+fn bench_e2e_pretrains_on_a_synthetic_store() {
+    let args = [
+        "bench",
+        "e2e",
+        "--patch-size",
+        "40",
+        "--crop",
+        "32",
+        "--batch",
+        "8",
+        "--width",
+        "4",
+        "--blocks",
+        "1,1,1,1",
+        "--out-dim",
+        "8",
+        "--patches",
+        "200",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ];
+    let out = slam(&args);
+    assert_succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert!(value["images_per_s"].as_f64().unwrap() > 0.0, "{value}");
+    assert_eq!(value["images_per_step"], 16.0);
+    assert_eq!(
+        (&value["engine"], &value["views"]),
+        (&"cpu".into(), &"host".into())
+    );
+    assert_fails_with(
+        &slam(&[&args[..], &["--residency", "streamed"]].concat()),
+        &["--views and --residency apply to --device cuda only"],
+    );
+}
+
+#[test]
 fn bench_kernels_without_a_gpu_fails_clearly() {
     if common::has_cuda_driver() {
         println!("skipped: this machine has a CUDA driver");

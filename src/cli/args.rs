@@ -4,8 +4,11 @@ use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
 
 use crate::engine::cuda::{CudaEngine, MatmulMode};
+use crate::gpu_data::{DeviceViews, Residency};
+use crate::model::ModelState;
 use crate::model::optim::Sgd;
 use crate::model::{NetConfig, StepConfig, Surgery};
+use crate::pretrain::{Observer, Run};
 
 /// The network's shape.
 #[derive(Args, Clone, Debug)]
@@ -107,6 +110,15 @@ pub enum Device {
     Cuda,
 }
 
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
 /// How the CUDA engine's layer products use the tensor cores.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Matmul {
@@ -163,6 +175,77 @@ impl EngineArgs {
         ensure!(
             self.device == Device::Cuda || self.matmul.is_none(),
             "--matmul applies to --device cuda only (the CPU engine always multiplies in f32)"
+        );
+        Ok(())
+    }
+}
+
+/// Where the CUDA engine's training views are rendered.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct GpuViewArgs {
+    /// With --device cuda: render the views on the GPU (device: the fused kernel, from the
+    /// store's pixels on the GPU) or on the CPU and upload them (host).
+    #[arg(long, value_enum, default_value_t = ViewsOn::Device)]
+    pub views: ViewsOn,
+    /// With --views device: keep the store's pixels on the GPU (resident), copy each step's
+    /// patches through pinned double buffers (streamed), or resident when they fit (auto).
+    #[arg(long, value_enum, default_value_t = ResidencyArg::Auto)]
+    pub residency: ResidencyArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViewsOn {
+    Device,
+    Host,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResidencyArg {
+    Auto,
+    Resident,
+    Streamed,
+}
+
+impl From<ResidencyArg> for Residency {
+    fn from(r: ResidencyArg) -> Self {
+        match r {
+            ResidencyArg::Auto => Residency::Auto,
+            ResidencyArg::Resident => Residency::Resident,
+            ResidencyArg::Streamed => Residency::Streamed,
+        }
+    }
+}
+
+impl GpuViewArgs {
+    /// Trains `run` on the GPU with the views where these arguments say.
+    pub fn train(
+        &self,
+        eng: &CudaEngine,
+        run: &mut Run,
+        observer: &mut dyn Observer,
+    ) -> Result<ModelState> {
+        match self.views {
+            ViewsOn::Host => run.train(eng, observer),
+            ViewsOn::Device => {
+                let mut views = DeviceViews::new(
+                    eng,
+                    run.store(),
+                    self.residency.into(),
+                    run.config.batch,
+                    run.step_bytes() as usize,
+                )?;
+                eprintln!("views on the GPU: {}", views.summary());
+                run.train_with(eng, observer, &mut views)
+            }
+        }
+    }
+
+    /// Fails for settings that only the CUDA engine takes.
+    pub fn check(&self, engine: &EngineArgs) -> Result<()> {
+        ensure!(
+            engine.device == Device::Cuda
+                || (self.views == ViewsOn::Device && self.residency == ResidencyArg::Auto),
+            "--views and --residency apply to --device cuda only"
         );
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! `slam bench`: speed measurements.
 
+mod e2e;
 mod kernels;
 
 use std::time::Instant;
@@ -38,6 +39,8 @@ Needs a CUDA GPU; without one it fails with the reason. Reports the median and f
 of each op, GB/s counting the bytes each pass must move, and the share of the measured
 device-to-device copy bandwidth.")]
     Kernels(kernels::BenchKernelsArgs),
+    /// End-to-end pretraining images per second, from stored patches to updated parameters.
+    E2e(e2e::BenchE2eArgs),
 }
 
 #[derive(Args, Debug)]
@@ -79,6 +82,7 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Step(args) => run_step(args),
         BenchCommand::Kernels(args) => kernels::run(args),
+        BenchCommand::E2e(args) => e2e::run(args),
     }
 }
 
@@ -191,7 +195,7 @@ fn print_timing(args: &BenchStepArgs, t: &StepTiming, gpu: Option<(u64, f64)>) -
     if args.json {
         let mut value = serde_json::to_value(t)?;
         if let Some((peak, rate)) = gpu {
-            value["gpu_peak_memory_bytes"] = peak.into();
+            value["gpu_mem_bytes"] = peak.into();
             value["gpu_matmul_flops_per_s"] = rate.into();
         }
         println!("{value}");

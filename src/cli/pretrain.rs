@@ -8,9 +8,10 @@ use anyhow::{Context, Result, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::args::{EngineArgs, Matmul, with_engine};
+use super::args::{Device, EngineArgs, GpuViewArgs, Matmul};
 use crate::data::sampler::SamplerMode;
 use crate::engine::Engine;
+use crate::engine::cpu::CpuEngine;
 use crate::model::Surgery;
 use crate::pretrain::{self, EpochLog, Objective, Observer, PretrainConfig, Run, StepLog};
 
@@ -21,12 +22,19 @@ use crate::pretrain::{self, EpochLog, Objective, Observer, PretrainConfig, Run, 
   slam pretrain --config run.toml --out runs/from-config --seed 3
   slam pretrain --resume runs/slam                         continue after a stop or crash
   slam pretrain --resume runs/slam --max-steps 20000       ... and go further
+  slam pretrain data/train.patches --out runs/gpu --device cuda          on an NVIDIA GPU
+  slam pretrain data/train.patches --out runs/gpu --device cuda --matmul bf16 --residency streamed
 
 Defaults are the reference's: ResNet-18, out_dim 512, batch 256, 150 epochs (10 warm-up),
 lr 1e-3, momentum 0.9, weight decay 1e-4, temperature 0.07, crop 224. A TOML config takes
 the same names as the flags (with _ for -); flags override it. The run folder gets
 config.toml, metrics.jsonl (one line per step), epochs.jsonl, checkpoints/ and, at the end,
-model.safetensors (the reference state_dict: load_state_dict(..., strict=True) takes it).")]
+model.safetensors (the reference state_dict: load_state_dict(..., strict=True) takes it).
+
+On --device cuda the layers' products use TF32 unless --matmul says otherwise, and the views
+are rendered on the GPU from the store's pixels, uploaded once when they fit (--views,
+--residency); the views are the CPU augmentation's, so runs match across engines up to the
+products' rounding.")]
 pub struct PretrainArgs {
     /// Patch store to pretrain on (from `slam synth`, `slam bags` or `slam pack`).
     pub store: Option<PathBuf>,
@@ -41,6 +49,8 @@ pub struct PretrainArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub gpu_views: GpuViewArgs,
     /// Architecture: resnet18 (the reference), resnet10 or resnet34.
     #[arg(long)]
     pub arch: Option<String>,
@@ -141,11 +151,22 @@ pub fn run(args: &PretrainArgs) -> Result<()> {
     // First, so that a signal during the set-up also ends in a clean stop.
     let mut progress = Progress::new();
     progress.stop_on_signals()?;
-    let (run, state) = with_engine!(args.engine, Matmul::Tf32, |eng| {
-        let mut run = open_run(eng, args)?;
-        let state = run.train(eng, &mut progress)?;
-        (run, state)
-    });
+    args.engine.check()?;
+    args.gpu_views.check(&args.engine)?;
+    let (run, state) = match args.engine.device {
+        Device::Cpu => {
+            let eng = &CpuEngine;
+            let mut run = open_run(eng, args)?;
+            let state = run.train(eng, &mut progress)?;
+            (run, state)
+        }
+        Device::Cuda => {
+            let eng = args.engine.open_cuda(Matmul::Tf32)?;
+            let mut run = open_run(&eng, args)?;
+            let state = args.gpu_views.train(&eng, &mut run, &mut progress)?;
+            (run, state)
+        }
+    };
     progress.bar.finish_and_clear();
     ensure!(
         run.step() == run.end_step(),

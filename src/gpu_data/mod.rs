@@ -10,12 +10,14 @@
 //! time, next to a step of tens of milliseconds.
 
 mod store;
+mod views;
 
 use std::ops::Range;
 
 use anyhow::{Context, Result, ensure};
 
 pub use store::{DeviceStore, Residency, Staged};
+pub use views::DeviceViews;
 
 use crate::data::augment::{AugmentConfig, JitterOp, ViewJob, ViewParams};
 use crate::data::store::PatchSize;

@@ -24,11 +24,11 @@ pub use config::{Objective, PretrainConfig};
 use crate::atomic::{AtomicDir, AtomicFile, write_atomic};
 use crate::checkpoint::{self, TensorFile, TensorWriter};
 use crate::data::batch::{Augmenter, Views};
-use crate::data::sampler::{BalancedSampler, SamplerPosition};
+use crate::data::sampler::{BalancedSampler, SampledBatch, SamplerPosition};
 use crate::data::{BagLabel, PatchStore};
 use crate::engine::Engine;
 use crate::memory;
-use crate::model::{ModelState, Network, StepReport, Trainer};
+use crate::model::{ModelState, Network, StepBatch, StepReport, Trainer};
 use crate::plots;
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -103,6 +103,40 @@ pub struct Run {
     state: ModelState,
     momentum: Option<Vec<f32>>,
     step: u64,
+    /// The estimated memory of one training step (activations and gradients).
+    step_bytes: u64,
+}
+
+/// Where a step's four views come from: rendered from the sampled patches with the run's
+/// augmentation, on the engine, in its channel-major layout. Every source must render the
+/// same views for the same (seed, step, patches): the CPU augmentation is the reference.
+pub trait ViewSource<E: Engine> {
+    fn render(
+        &mut self,
+        eng: &E,
+        augmenter: &Augmenter,
+        store: &PatchStore,
+        sampled: &SampledBatch,
+        step: u64,
+        views: Views,
+    ) -> Result<StepBatch<E>>;
+}
+
+/// Views rendered on the host by the CPU augmentation, then uploaded.
+pub struct HostViews;
+
+impl<E: Engine> ViewSource<E> for HostViews {
+    fn render(
+        &mut self,
+        eng: &E,
+        augmenter: &Augmenter,
+        store: &PatchStore,
+        sampled: &SampledBatch,
+        step: u64,
+        views: Views,
+    ) -> Result<StepBatch<E>> {
+        augmenter.render(store, sampled, step, views)?.upload(eng)
+    }
 }
 
 impl Run {
@@ -217,8 +251,9 @@ impl Run {
             Objective::Slam => split.positive.max(split.negative),
             Objective::Simclr => split.positive + split.negative,
         };
+        let step_bytes = Network::new(state.config).step_memory_bytes(largest_task, config.crop);
         memory::ensure_fits(
-            Network::new(state.config).step_memory_bytes(largest_task, config.crop),
+            step_bytes,
             eng.memory_available()?,
             eng.memory_kind(),
             &format!(
@@ -236,7 +271,18 @@ impl Run {
             state,
             momentum,
             step,
+            step_bytes,
         })
+    }
+
+    /// The patch store the run trains on.
+    pub fn store(&self) -> &PatchStore {
+        &self.store
+    }
+
+    /// The estimated memory of one training step (activations and gradients), in bytes.
+    pub fn step_bytes(&self) -> u64 {
+        self.step_bytes
     }
 
     /// The step the run continues from.
@@ -259,6 +305,16 @@ impl Run {
     /// (then `step() < end_step()`). On a non-finite loss or gradient it stops with an error
     /// and keeps the last good checkpoint.
     pub fn train<E: Engine>(&mut self, eng: &E, observer: &mut dyn Observer) -> Result<ModelState> {
+        self.train_with(eng, observer, &mut HostViews)
+    }
+
+    /// [`Run::train`] with the step's views from `source` (e.g. rendered on the GPU).
+    pub fn train_with<E: Engine>(
+        &mut self,
+        eng: &E,
+        observer: &mut dyn Observer,
+        source: &mut dyn ViewSource<E>,
+    ) -> Result<ModelState> {
         let mut trainer = Trainer::new(eng, &self.state)?;
         if let Some(momentum) = &self.momentum {
             trainer.momentum = eng.upload(momentum)?;
@@ -281,11 +337,15 @@ impl Run {
             let start = Instant::now();
             let sampled = self.sampler.next_batch();
             let epoch = sampled.position.epoch;
-            let host = self
-                .augmenter
-                .render(&self.store, &sampled, self.step, views)?;
-            let images = 2 * (host.n_pos + host.n_neg);
-            let batch = host.upload(eng)?;
+            let batch = source.render(
+                eng,
+                &self.augmenter,
+                &self.store,
+                &sampled,
+                self.step,
+                views,
+            )?;
+            let images = 2 * (batch.n_pos + batch.n_neg);
             let lr = schedule.lr(epoch as u32);
             let report = trainer.step(eng, &batch, &step_config, lr, None)?;
             check_finite(&report, self.step, &self.dir)?;

@@ -355,11 +355,31 @@ impl Gpu {
         &self,
         len: usize,
     ) -> Result<CudaSlice<T>> {
+        if len == 0 {
+            return self.empty();
+        }
         Ok(self.stream.alloc_zeros(len)?)
     }
 
+    /// A buffer of no values. The driver refuses empty allocations, so it owns one value it
+    /// never exposes (and frees it when dropped).
+    fn empty<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+    ) -> Result<CudaSlice<T>> {
+        let ptr = self.stream.alloc_zeros::<T>(1)?.leak();
+        // SAFETY: `ptr` is a live allocation of one T on this stream (zeroed); the slice of
+        // length 0 takes it over and frees it on drop.
+        Ok(unsafe { self.stream.upgrade_device_ptr(ptr, 0) })
+    }
+
     /// A device copy of `host`.
-    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+    pub fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        host: &[T],
+    ) -> Result<CudaSlice<T>> {
+        if host.is_empty() {
+            return self.empty();
+        }
         Ok(self.stream.clone_htod(host)?)
     }
 
@@ -369,6 +389,9 @@ impl Gpu {
         src: DevView<'_, T>,
     ) -> Result<Vec<T>> {
         let mut host = vec![T::default(); src.len()];
+        if host.is_empty() {
+            return Ok(host);
+        }
         // SAFETY: `src` is a live device range of `host.len()` values; the copy is complete
         // when the stream has synchronized, before `host` is returned.
         unsafe {
