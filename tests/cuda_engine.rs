@@ -406,3 +406,57 @@ fn eval_forward_matches_cpu_engine() -> anyhow::Result<()> {
     check("eval forward z", &got, &want, 1e-4);
     Ok(())
 }
+
+/// The GPU-rendered views of a training step are the CPU augmentation's, bit for bit, in
+/// both residency modes and for both objectives' view sets.
+#[test]
+fn device_views_match_host_views() -> anyhow::Result<()> {
+    use slam_ags::data::augment::AugmentConfig;
+    use slam_ags::data::batch::{Augmenter, Views};
+    use slam_ags::data::sampler::{BalancedSampler, SamplerMode};
+    use slam_ags::data::{BagLabel, PatchStore};
+    use slam_ags::gpu_data::{DeviceViews, Residency};
+    use slam_ags::pretrain::{HostViews, ViewSource};
+
+    let Some(gpu) = cuda_engine(MatmulMode::Exact) else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let store = PatchStore::open(&common::random_store(dir.path()))?;
+    let (pos, neg) = (store.pool(BagLabel::Abnormal), store.pool(BagLabel::Normal));
+    let mut sampler = BalancedSampler::new(pos, neg, 8, SamplerMode::Disjoint, 3)?;
+    let config = AugmentConfig {
+        crop: 12,
+        ..AugmentConfig::default()
+    };
+    let augmenter = Augmenter::new(config, 9);
+    for residency in [Residency::Resident, Residency::Streamed] {
+        let mut device = DeviceViews::new(&gpu, &store, residency, 8, 0)?;
+        for step in 0..3 {
+            let sampled = sampler.next_batch();
+            for views in [Views::Slam, Views::ContrastiveOnly] {
+                let want = HostViews.render(&gpu, &augmenter, &store, &sampled, step, views)?;
+                let got = device.render(&gpu, &augmenter, &store, &sampled, step, views)?;
+                assert_eq!((got.n_pos, got.n_neg), (want.n_pos, want.n_neg));
+                for (name, g, w) in [
+                    ("pos_i", &got.pos_i, &want.pos_i),
+                    ("pos_j", &got.pos_j, &want.pos_j),
+                    ("neg_i", &got.neg_i, &want.neg_i),
+                    ("neg_j", &got.neg_j, &want.neg_j),
+                ] {
+                    let (g, w) = (gpu.download(gpu.all(g))?, gpu.download(gpu.all(w))?);
+                    assert!(
+                        g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits())
+                            && g.len() == w.len(),
+                        "{residency:?} step {step} {views:?} {name}: device views differ"
+                    );
+                }
+            }
+        }
+        println!(
+            "{residency:?}: device views equal the host's ({})",
+            device.summary()
+        );
+    }
+    Ok(())
+}
