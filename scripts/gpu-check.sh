@@ -26,10 +26,14 @@ fi
 export NVCC SLAM_REQUIRE_NVCC=1
 
 cargo build --release --bin slam
-# The test executables, from cargo's JSON messages: the cuda_kernels integration test and
-# the library's unit tests (whose engine::cuda tests open the GPU).
+# The test executables, from cargo's JSON messages: the GPU integration tests (every
+# tests/cuda_*.rs) and the library's unit tests (whose engine::cuda tests open the GPU).
+GPU_TESTS=()
+for t in tests/cuda_*.rs; do
+    GPU_TESTS+=(--test "$(basename "$t" .rs)")
+done
 mapfile -t execs < <(
-    cargo test --release --no-run --message-format=json --test cuda_kernels --lib |
+    cargo test --release --no-run --message-format=json "${GPU_TESTS[@]}" --lib |
         jq -r 'select(.reason == "compiler-artifact" and .executable != null)
                | "\(.target.kind[0]) \(.target.name) \(.executable)"'
 )
@@ -46,7 +50,7 @@ for line in "${execs[@]}"; do
     esac
     strip -g -o ".gpu/tests/$dest" "$exe"
 done
-[[ -x .gpu/tests/cuda_kernels && -x .gpu/tests/lib ]] || {
+[[ -x .gpu/tests/cuda_kernels && -x .gpu/tests/cuda_engine && -x .gpu/tests/lib ]] || {
     echo "error: the test executables were not found in cargo's output" >&2
     exit 1
 }

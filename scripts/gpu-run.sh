@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine as .gpu/run (scripts/gpu-check.sh build puts it there): every GPU
-# test executable of .gpu/tests and `slam bench kernels`, full logs into OUT, a summary last.
+# test executable of .gpu/tests, `slam bench kernels`, the training step at the reference
+# configuration (`slam bench step`, TF32 and bf16) and end to end (`slam bench e2e`), full
+# logs into OUT, a summary last. About 5 minutes on an H200.
 #   bash .gpu/run OUT [--sanitize]
 # --sanitize also runs the kernel tests under compute-sanitizer (memcheck, racecheck).
 # Needs no Rust and no network; finds libcuda and libcublas through ldconfig, else searches
@@ -70,8 +72,15 @@ run_test() {
         *) RESULT[$name]="FAIL (exit $rc)  $counts" ;;
     esac
 }
-run_test cuda_kernels
+TESTS=()
+for exe in "$HERE"/tests/cuda_*; do
+    TESTS+=("$(basename "$exe")")
+done
+for name in "${TESTS[@]}"; do
+    run_test "$name"
+done
 run_test lib engine::cuda
+TESTS+=(lib)
 
 SAN=()
 if [[ $SANITIZE == --sanitize ]]; then
@@ -88,8 +97,21 @@ if [[ $SANITIZE == --sanitize ]]; then
     fi
 fi
 
-timeout 300 "$HERE/slam" bench kernels >"$OUT/bench.log" 2>&1
-BENCH_RC=$?
+# bench NAME TIMEOUT ARGS...: one benchmark, its output in OUT/bench-NAME.log.
+declare -A BENCH
+bench() {
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$HERE/slam" "$@" >"$OUT/bench-$name.log" 2>&1
+    BENCH[$name]=$?
+}
+BENCHES=(kernels step-tf32 step-bf16 step-exact e2e-tf32)
+bench kernels 240 bench kernels
+REF=(--crop 224 --batch 256 --warmup 3 --steps 10)
+bench step-tf32 120 bench step --device cuda --matmul tf32 "${REF[@]}"
+bench step-bf16 120 bench step --device cuda --matmul bf16 "${REF[@]}"
+bench step-exact 120 bench step --device cuda --matmul exact --crop 224 --batch 256 --warmup 1 --steps 3
+bench e2e-tf32 180 bench e2e --device cuda --matmul tf32
 
 {
     echo
@@ -102,13 +124,15 @@ BENCH_RC=$?
     fi
     sed -n '1p' "$HERE/BUILD_INFO" | sed 's/^/build:  /'
     grep -E '^lib(cuda|cublas):' "$INFO" | sed 's/^/        /'
-    for name in cuda_kernels lib; do
-        printf 'test %-13s %s\n' "$name" "${RESULT[$name]}"
+    for name in "${TESTS[@]}"; do
+        printf 'test %-16s %s\n' "$name" "${RESULT[$name]}"
     done
     for line in "${SAN[@]}"; do
         echo "sanitizer $line"
     done
-    echo "bench (exit $BENCH_RC):"
-    sed 's/^/  /' "$OUT/bench.log"
+    for name in "${BENCHES[@]}"; do
+        echo "bench $name (exit ${BENCH[$name]}):"
+        grep -v '^\s*$' "$OUT/bench-$name.log" | tail -n 25 | sed 's/^/  /'
+    done
     echo "logs: $(cd "$OUT" && ls | tr '\n' ' ')"
 } | tee "$OUT/summary.txt"
