@@ -161,8 +161,6 @@ impl Gpu {
         let Some(shape) = shape else { return Ok(()) };
         let mut slot = self.norm_scratch(shape.scratch_len())?;
         let partials = slot.as_mut().expect("just allocated").dev_mut();
-        let (eval, relu) = (0i32, relu as i32);
-        let res = ptr_or_null(residual);
         // SAFETY: lengths checked above; the scratch holds 2 C chunks doubles; launch shapes
         // as kernels/norm.cu's contract asks.
         unsafe {
@@ -184,20 +182,8 @@ impl Gpu {
                 .arg(saved.ptr())
                 .arg(running.ptr())
                 .launch(shape.finalize())?;
-            self.stream
-                .launch_builder(&self.norm.apply)
-                .arg(x.ptr())
-                .arg(&res)
-                .arg(&shape.m)
-                .arg(affine.ptr())
-                .arg(saved.ptr())
-                .arg(&s.eps)
-                .arg(&eval)
-                .arg(&relu)
-                .arg(y.ptr())
-                .launch(shape.rows())?;
         }
-        Ok(())
+        self.launch_bn_apply(&shape, s, x, affine, saved.as_view(), residual, false, relu, y)
     }
 
     /// Evaluation-mode batch norm with the running statistics `[mean; var]`, optionally
@@ -221,9 +207,28 @@ impl Gpu {
         )?;
         check_len("batch norm output", y.len(), s.len())?;
         let Some(shape) = shape else { return Ok(()) };
-        let (eval, relu) = (1i32, relu as i32);
+        self.launch_bn_apply(&shape, s, x, affine, running, residual, true, relu, y)
+    }
+
+    /// `bn_apply` with the batch's `[mean; invstd]` (`eval == false`) or the running
+    /// `[mean; var]` (`eval == true`), whose lengths the caller checked.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_bn_apply(
+        &self,
+        shape: &Shape,
+        s: &BatchNorm,
+        x: DevView<'_>,
+        affine: DevView<'_>,
+        stats: DevView<'_>,
+        residual: Option<DevView<'_>>,
+        eval: bool,
+        relu: bool,
+        y: DevViewMut<'_>,
+    ) -> Result<()> {
+        let (eval, relu) = (eval as i32, relu as i32);
         let res = ptr_or_null(residual);
-        // SAFETY: lengths checked above; launch shape as kernels/norm.cu's contract asks.
+        // SAFETY: lengths checked by the callers; launch shape as kernels/norm.cu's contract
+        // asks.
         unsafe {
             self.stream
                 .launch_builder(&self.norm.apply)
@@ -231,7 +236,7 @@ impl Gpu {
                 .arg(&res)
                 .arg(&shape.m)
                 .arg(affine.ptr())
-                .arg(running.ptr())
+                .arg(stats.ptr())
                 .arg(&s.eps)
                 .arg(&eval)
                 .arg(&relu)
