@@ -169,6 +169,123 @@ pub struct SgdUpdate {
     pub weight_decay: f32,
 }
 
+/// Fails unless `got == want`, naming the buffer. Every engine checks its ops' buffers with
+/// it and the shape methods below, so that both report the same errors.
+pub fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    anyhow::ensure!(got == want, "{what}: expected {want} values, got {got}");
+    Ok(())
+}
+
+impl Conv2d {
+    /// The buffers of a forward pass.
+    pub fn check_forward(&self, x: usize, w: usize, y: usize) -> Result<()> {
+        check_len("conv2d input", x, self.in_len())?;
+        check_len("conv2d weight", w, self.weight_len())?;
+        check_len("conv2d output", y, self.out_len())
+    }
+
+    /// The buffers of a backward pass (`dx` when given).
+    pub fn check_backward(
+        &self,
+        x: usize,
+        w: usize,
+        dy: usize,
+        dw: usize,
+        dx: Option<usize>,
+    ) -> Result<()> {
+        check_len("conv2d input", x, self.in_len())?;
+        check_len("conv2d weight", w, self.weight_len())?;
+        check_len("conv2d output gradient", dy, self.out_len())?;
+        check_len("conv2d weight gradient", dw, self.weight_len())?;
+        dx.map_or(Ok(()), |dx| {
+            check_len("conv2d input gradient", dx, self.in_len())
+        })
+    }
+}
+
+impl BatchNorm {
+    /// The input, `[gamma; beta]` and a buffer of the input's shape (the residual, or the
+    /// output whose ReLU the backward undoes); and that the batch is not empty.
+    pub fn check(&self, x: usize, affine: usize, same_shape: Option<usize>) -> Result<()> {
+        check_len("batch norm input", x, self.len())?;
+        check_len("batch norm weight and bias", affine, 2 * self.channels)?;
+        anyhow::ensure!(self.per_channel > 0, "batch norm over an empty batch");
+        same_shape.map_or(Ok(()), |len| {
+            check_len("batch norm residual/output", len, self.len())
+        })
+    }
+
+    /// A per-channel pair of statistics (`[mean; invstd]`, `[mean; var]`) or of gradients.
+    pub fn check_pairs(&self, what: &str, len: usize) -> Result<()> {
+        check_len(what, len, 2 * self.channels)
+    }
+
+    /// A buffer of the input's shape.
+    pub fn check_like_input(&self, what: &str, len: usize) -> Result<()> {
+        check_len(what, len, self.len())
+    }
+}
+
+impl MaxPool {
+    /// An input and an output (or their gradients), named by `what`.
+    pub fn check(&self, what: [&str; 2], x: usize, y: usize) -> Result<()> {
+        check_len(what[0], x, self.planes * self.in_h * self.in_w)?;
+        check_len(what[1], y, self.planes * self.out_h() * self.out_w())
+    }
+}
+
+impl AvgPool {
+    /// An input and an output (or their gradients), named by `what`.
+    pub fn check(&self, what: [&str; 2], x: usize, y: usize) -> Result<()> {
+        check_len(what[0], x, self.planes * self.spatial)?;
+        check_len(what[1], y, self.planes)
+    }
+}
+
+impl Linear {
+    /// The input, `[W; b]` and the output of a forward pass.
+    pub fn check_forward(&self, x: usize, wb: usize, y: usize) -> Result<()> {
+        check_len("linear input", x, self.in_features * self.batch)?;
+        check_len("linear parameters", wb, self.param_len())?;
+        check_len("linear output", y, self.out_features * self.batch)
+    }
+
+    /// The buffers of a backward pass (the output `y` when the ReLU is undone, `dx` when
+    /// given).
+    pub fn check_backward(
+        &self,
+        x: usize,
+        wb: usize,
+        y: Option<usize>,
+        dy: usize,
+        dwb: usize,
+        dx: Option<usize>,
+    ) -> Result<()> {
+        let out = self.out_features * self.batch;
+        check_len("linear input", x, self.in_features * self.batch)?;
+        check_len("linear parameters", wb, self.param_len())?;
+        check_len("linear output gradient", dy, out)?;
+        check_len("linear parameter gradient", dwb, self.param_len())?;
+        if let Some(y) = y {
+            check_len("linear output", y, out)?;
+        }
+        dx.map_or(Ok(()), |dx| {
+            check_len("linear input gradient", dx, self.in_features * self.batch)
+        })
+    }
+}
+
+impl ViewPair {
+    /// `z_i`, `z_j`, `dz_i`, `dz_j`; and that the batch is not empty.
+    pub fn check(&self, lens: [usize; 4]) -> Result<()> {
+        anyhow::ensure!(self.n > 0 && self.dim > 0, "loss over an empty batch");
+        for (what, len) in ["z_i", "z_j", "dz_i", "dz_j"].into_iter().zip(lens) {
+            check_len(what, len, self.dim * self.n)?;
+        }
+        Ok(())
+    }
+}
+
 /// Tensor storage and the ops the network is built from.
 pub trait Engine: Sync {
     /// A flat f32 buffer on the engine's device.

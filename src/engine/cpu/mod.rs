@@ -20,6 +20,7 @@ pub use update::grad_dots;
 
 use super::{
     AvgPool, BatchNorm, Conv2d, Engine, GradDots, Linear, MaxPool, Result, SgdUpdate, ViewPair,
+    check_len,
 };
 
 /// The CPU engine. Stateless: every op runs on the calling thread and rayon's pool.
@@ -71,9 +72,7 @@ impl Engine for CpuEngine {
     }
 
     fn conv2d_forward(&self, s: &Conv2d, x: &[f32], w: &[f32], y: &mut [f32]) -> Result<()> {
-        check_len("conv2d input", x.len(), s.in_len())?;
-        check_len("conv2d weight", w.len(), s.weight_len())?;
-        check_len("conv2d output", y.len(), s.out_len())?;
+        s.check_forward(x.len(), w.len(), y.len())?;
         conv::forward(s, x, w, y);
         Ok(())
     }
@@ -87,13 +86,8 @@ impl Engine for CpuEngine {
         dw: &mut [f32],
         dx: Option<&mut [f32]>,
     ) -> Result<()> {
-        check_len("conv2d input", x.len(), s.in_len())?;
-        check_len("conv2d weight", w.len(), s.weight_len())?;
-        check_len("conv2d output gradient", dy.len(), s.out_len())?;
-        check_len("conv2d weight gradient", dw.len(), s.weight_len())?;
-        if let Some(dx) = &dx {
-            check_len("conv2d input gradient", dx.len(), s.in_len())?;
-        }
+        let dx_len = dx.as_ref().map(|dx| dx.len());
+        s.check_backward(x.len(), w.len(), dy.len(), dw.len(), dx_len)?;
         conv::backward(s, x, w, dy, dw, dx);
         Ok(())
     }
@@ -109,14 +103,10 @@ impl Engine for CpuEngine {
         saved: &mut [f32],
         running: &mut [f32],
     ) -> Result<()> {
-        check_bn(s, x, affine, residual)?;
-        check_len("batch norm output", y.len(), s.len())?;
-        check_len("batch norm saved statistics", saved.len(), 2 * s.channels)?;
-        check_len(
-            "batch norm running statistics",
-            running.len(),
-            2 * s.channels,
-        )?;
+        s.check(x.len(), affine.len(), residual.map(<[f32]>::len))?;
+        s.check_like_input("batch norm output", y.len())?;
+        s.check_pairs("batch norm saved statistics", saved.len())?;
+        s.check_pairs("batch norm running statistics", running.len())?;
         norm::train_forward(s, x, affine, residual, relu, y, saved, running);
         Ok(())
     }
@@ -131,13 +121,9 @@ impl Engine for CpuEngine {
         relu: bool,
         y: &mut [f32],
     ) -> Result<()> {
-        check_bn(s, x, affine, residual)?;
-        check_len(
-            "batch norm running statistics",
-            running.len(),
-            2 * s.channels,
-        )?;
-        check_len("batch norm output", y.len(), s.len())?;
+        s.check(x.len(), affine.len(), residual.map(<[f32]>::len))?;
+        s.check_pairs("batch norm running statistics", running.len())?;
+        s.check_like_input("batch norm output", y.len())?;
         norm::eval_forward(s, x, affine, running, residual, relu, y);
         Ok(())
     }
@@ -153,32 +139,26 @@ impl Engine for CpuEngine {
         dx: &mut [f32],
         daffine: &mut [f32],
     ) -> Result<()> {
-        check_bn(s, x, affine, relu_out)?;
-        check_len("batch norm saved statistics", saved.len(), 2 * s.channels)?;
-        check_len("batch norm output gradient", dy.len(), s.len())?;
-        check_len("batch norm input gradient", dx.len(), s.len())?;
-        check_len(
-            "batch norm parameter gradient",
-            daffine.len(),
-            2 * s.channels,
-        )?;
+        s.check(x.len(), affine.len(), relu_out.map(<[f32]>::len))?;
+        s.check_pairs("batch norm saved statistics", saved.len())?;
+        s.check_like_input("batch norm output gradient", dy.len())?;
+        s.check_like_input("batch norm input gradient", dx.len())?;
+        s.check_pairs("batch norm parameter gradient", daffine.len())?;
         norm::train_backward(s, x, affine, saved, relu_out, dy, dx, daffine);
         Ok(())
     }
 
     fn maxpool_forward(&self, s: &MaxPool, x: &[f32], y: &mut [f32]) -> Result<()> {
-        check_len("max pool input", x.len(), s.planes * s.in_h * s.in_w)?;
-        check_len("max pool output", y.len(), s.planes * s.out_h() * s.out_w())?;
+        s.check(["max pool input", "max pool output"], x.len(), y.len())?;
         pool::max_forward(s, x, y);
         Ok(())
     }
 
     fn maxpool_backward(&self, s: &MaxPool, x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
-        check_len("max pool input", x.len(), s.planes * s.in_h * s.in_w)?;
-        check_len(
-            "max pool output gradient",
+        s.check(
+            ["max pool input", "max pool output gradient"],
+            x.len(),
             dy.len(),
-            s.planes * s.out_h() * s.out_w(),
         )?;
         check_len("max pool input gradient", dx.len(), x.len())?;
         pool::max_backward(s, x, dy, dx);
@@ -186,19 +166,21 @@ impl Engine for CpuEngine {
     }
 
     fn avgpool_forward(&self, s: &AvgPool, x: &[f32], y: &mut [f32]) -> Result<()> {
-        check_len("average pool input", x.len(), s.planes * s.spatial)?;
-        check_len("average pool output", y.len(), s.planes)?;
+        s.check(
+            ["average pool input", "average pool output"],
+            x.len(),
+            y.len(),
+        )?;
         pool::avg_forward(s, x, y);
         Ok(())
     }
 
     fn avgpool_backward(&self, s: &AvgPool, dy: &[f32], dx: &mut [f32]) -> Result<()> {
-        check_len("average pool output gradient", dy.len(), s.planes)?;
-        check_len(
+        let names = [
             "average pool input gradient",
-            dx.len(),
-            s.planes * s.spatial,
-        )?;
+            "average pool output gradient",
+        ];
+        s.check(names, dx.len(), dy.len())?;
         pool::avg_backward(s, dy, dx);
         Ok(())
     }
@@ -211,9 +193,7 @@ impl Engine for CpuEngine {
         relu: bool,
         y: &mut [f32],
     ) -> Result<()> {
-        check_len("linear input", x.len(), s.in_features * s.batch)?;
-        check_len("linear parameters", wb.len(), s.param_len())?;
-        check_len("linear output", y.len(), s.out_features * s.batch)?;
+        s.check_forward(x.len(), wb.len(), y.len())?;
         linear::forward(s, x, wb, relu, y);
         Ok(())
     }
@@ -228,16 +208,8 @@ impl Engine for CpuEngine {
         dwb: &mut [f32],
         dx: Option<&mut [f32]>,
     ) -> Result<()> {
-        check_len("linear input", x.len(), s.in_features * s.batch)?;
-        check_len("linear parameters", wb.len(), s.param_len())?;
-        check_len("linear output gradient", dy.len(), s.out_features * s.batch)?;
-        check_len("linear parameter gradient", dwb.len(), s.param_len())?;
-        if let Some(y) = relu_out {
-            check_len("linear output", y.len(), dy.len())?;
-        }
-        if let Some(dx) = &dx {
-            check_len("linear input gradient", dx.len(), x.len())?;
-        }
+        let (y_len, dx_len) = (relu_out.map(<[f32]>::len), dx.as_ref().map(|dx| dx.len()));
+        s.check_backward(x.len(), wb.len(), y_len, dy.len(), dwb.len(), dx_len)?;
         linear::backward(s, x, wb, relu_out, dy, dwb, dx);
         Ok(())
     }
@@ -251,7 +223,7 @@ impl Engine for CpuEngine {
         dz_i: &mut [f32],
         dz_j: &mut [f32],
     ) -> Result<f32> {
-        check_pair(s, z_i, z_j, dz_i, dz_j)?;
+        s.check([z_i.len(), z_j.len(), dz_i.len(), dz_j.len()])?;
         Ok(loss::ntxent(s, z_i, z_j, temperature, dz_i, dz_j))
     }
 
@@ -264,7 +236,7 @@ impl Engine for CpuEngine {
         dz_i: &mut [f32],
         dz_j: &mut [f32],
     ) -> Result<f32> {
-        check_pair(s, z_i, z_j, dz_i, dz_j)?;
+        s.check([z_i.len(), z_j.len(), dz_i.len(), dz_j.len()])?;
         Ok(loss::cohesion(s, z_i, z_j, temperature, dz_i, dz_j))
     }
 
@@ -301,32 +273,4 @@ impl Engine for CpuEngine {
         update::sgd_step(u, g1, g2, params, momentum);
         Ok(())
     }
-}
-
-fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
-    anyhow::ensure!(got == want, "{what}: expected {want} values, got {got}");
-    Ok(())
-}
-
-fn check_bn(s: &BatchNorm, x: &[f32], affine: &[f32], same_shape: Option<&[f32]>) -> Result<()> {
-    check_len("batch norm input", x.len(), s.len())?;
-    check_len("batch norm weight and bias", affine.len(), 2 * s.channels)?;
-    anyhow::ensure!(s.per_channel > 0, "batch norm over an empty batch");
-    if let Some(other) = same_shape {
-        check_len("batch norm residual/output", other.len(), s.len())?;
-    }
-    Ok(())
-}
-
-fn check_pair(s: &ViewPair, z_i: &[f32], z_j: &[f32], dz_i: &[f32], dz_j: &[f32]) -> Result<()> {
-    anyhow::ensure!(s.n > 0 && s.dim > 0, "loss over an empty batch");
-    for (what, len) in [
-        ("z_i", z_i.len()),
-        ("z_j", z_j.len()),
-        ("dz_i", dz_i.len()),
-        ("dz_j", dz_j.len()),
-    ] {
-        check_len(what, len, s.dim * s.n)?;
-    }
-    Ok(())
 }

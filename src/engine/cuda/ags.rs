@@ -7,7 +7,8 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::view::{DevSlice, DevView, DevViewMut};
 
-use super::gpu::{AGS_DOTS_BLOCK, AGS_DOTS_GRID, Gpu, check_len};
+use super::gpu::{AGS_DOTS_BLOCK, AGS_DOTS_GRID, Gpu};
+use crate::engine::check_len;
 use crate::engine::{GradDots, SgdUpdate};
 
 impl Gpu {

@@ -16,7 +16,7 @@ use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 use super::blas::Operand;
-use super::gpu::{Gpu, GpuError, check_len, load_function};
+use super::gpu::{Gpu, GpuError, load_function};
 use super::view::{DevSlice, DevView, DevViewMut};
 use crate::engine::Conv2d;
 
@@ -127,9 +127,7 @@ impl Gpu {
         w: DevView<'_>,
         y: DevViewMut<'_>,
     ) -> Result<()> {
-        check_len("conv2d input", x.len(), s.in_len())?;
-        check_len("conv2d weight", w.len(), s.weight_len())?;
-        check_len("conv2d output", y.len(), s.out_len())?;
+        s.check_forward(x.len(), w.len(), y.len())?;
         let shape = conv_shape(s)?;
         let (k, cout) = (s.in_channels * s.kernel * s.kernel, s.out_channels);
         let plane = s.out_h() * s.out_w();
@@ -178,13 +176,8 @@ impl Gpu {
         dw: DevViewMut<'_>,
         dx: Option<DevViewMut<'_>>,
     ) -> Result<()> {
-        check_len("conv2d input", x.len(), s.in_len())?;
-        check_len("conv2d weight", w.len(), s.weight_len())?;
-        check_len("conv2d output gradient", dy.len(), s.out_len())?;
-        check_len("conv2d weight gradient", dw.len(), s.weight_len())?;
-        if let Some(dx) = &dx {
-            check_len("conv2d input gradient", dx.len(), s.in_len())?;
-        }
+        let dx_len = dx.as_ref().map(DevViewMut::len);
+        s.check_backward(x.len(), w.len(), dy.len(), dw.len(), dx_len)?;
         let shape = conv_shape(s)?;
         let (k, cout) = (s.in_channels * s.kernel * s.kernel, s.out_channels);
         let plane = s.out_h() * s.out_w();

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use anyhow::{Result, ensure};
+use anyhow::Result;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{
@@ -20,6 +20,7 @@ use super::norm::NormKernels;
 use super::pool::PoolKernels;
 use super::view::{DevView, DevViewMut};
 use super::{KernelFile, kernel_file};
+use crate::engine::check_len;
 
 /// Why [`Gpu::new`] failed. The first two mean "no GPU here"; the others, a broken setup.
 #[derive(Debug, thiserror::Error)]
@@ -502,12 +503,6 @@ fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<(), GpuError> {
         .result()
         .map_err(driver(what))?;
     }
-    Ok(())
-}
-
-/// Fails unless `got == want`, naming the buffer.
-pub(super) fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
-    ensure!(got == want, "{what}: expected {want} values, got {got}");
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Result, ensure};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use super::blas::Operand;
-use super::gpu::{Gpu, GpuError, check_len, load_function};
+use super::gpu::{Gpu, GpuError, load_function};
 use super::view::{DevView, DevViewMut};
 use crate::engine::Linear;
 
@@ -64,9 +64,7 @@ impl Gpu {
         relu: bool,
         y: DevViewMut<'_>,
     ) -> Result<()> {
-        check_len("linear input", x.len(), s.in_features * s.batch)?;
-        check_len("linear parameters", wb.len(), s.param_len())?;
-        check_len("linear output", y.len(), s.out_features * s.batch)?;
+        s.check_forward(x.len(), wb.len(), y.len())?;
         let (rows, cols) = check_linear(s)?;
         let (n, din, dout) = (s.batch, s.in_features, s.out_features);
         let bias = wb.slice(dout * din..s.param_len());
@@ -107,16 +105,8 @@ impl Gpu {
         dx: Option<DevViewMut<'_>>,
     ) -> Result<()> {
         let out_len = s.out_features * s.batch;
-        check_len("linear input", x.len(), s.in_features * s.batch)?;
-        check_len("linear parameters", wb.len(), s.param_len())?;
-        check_len("linear output gradient", dy.len(), out_len)?;
-        check_len("linear parameter gradient", dwb.len(), s.param_len())?;
-        if let Some(y) = &relu_out {
-            check_len("linear output", y.len(), out_len)?;
-        }
-        if let Some(dx) = &dx {
-            check_len("linear input gradient", dx.len(), s.in_features * s.batch)?;
-        }
+        let (y_len, dx_len) = (relu_out.map(|y| y.len()), dx.as_ref().map(DevViewMut::len));
+        s.check_backward(x.len(), wb.len(), y_len, dy.len(), dwb.len(), dx_len)?;
         let (rows, cols) = check_linear(s)?;
         let (n, din, dout) = (s.batch, s.in_features, s.out_features);
         let dw = *dwb.ptr();

@@ -9,8 +9,9 @@ use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::view::{DevSlice, DevView, DevViewMut};
 
-use super::gpu::{Gpu, LOSS_BLOCK, LOSS_COLS, check_len};
+use super::gpu::{Gpu, LOSS_BLOCK, LOSS_COLS};
 use crate::engine::ViewPair;
+use crate::engine::check_len;
 
 /// Intermediates of both losses for one batch shape (see kernels/loss.cu for the layouts).
 pub(super) struct LossScratch {
@@ -67,21 +68,13 @@ fn check_pair(
     dz_i: &DevViewMut<'_>,
     dz_j: &DevViewMut<'_>,
 ) -> Result<(u32, u32)> {
-    ensure!(s.n > 0 && s.dim > 0, "loss over an empty batch");
+    s.check([z_i.len(), z_j.len(), dz_i.len(), dz_j.len()])?;
     ensure!(
         2 * s.n <= i32::MAX as usize && s.dim <= i32::MAX as usize,
         "loss batch too large for the CUDA kernels: n = {}, dim = {}",
         s.n,
         s.dim
     );
-    for (what, len) in [
-        ("z_i", z_i.len()),
-        ("z_j", z_j.len()),
-        ("dz_i", dz_i.len()),
-        ("dz_j", dz_j.len()),
-    ] {
-        check_len(what, len, s.dim * s.n)?;
-    }
     Ok((s.n as u32, s.dim as u32))
 }
 

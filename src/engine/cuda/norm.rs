@@ -10,7 +10,7 @@ use anyhow::{Result, ensure};
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::gpu::{Gpu, check_len};
+use super::gpu::Gpu;
 use super::view::{DevSlice, DevView, DevViewMut};
 use crate::engine::BatchNorm;
 
@@ -91,12 +91,7 @@ fn check_bn(
     affine: DevView<'_>,
     same_shape: Option<DevView<'_>>,
 ) -> Result<Option<Shape>> {
-    check_len("batch norm input", x.len(), s.len())?;
-    check_len("batch norm weight and bias", affine.len(), 2 * s.channels)?;
-    ensure!(s.per_channel > 0, "batch norm over an empty batch");
-    if let Some(other) = same_shape {
-        check_len("batch norm residual/output", other.len(), s.len())?;
-    }
+    s.check(x.len(), affine.len(), same_shape.map(|v| v.len()))?;
     ensure!(
         s.channels <= MAX_CHANNELS,
         "batch norm over {} channels: the CUDA kernels take at most {MAX_CHANNELS}",
@@ -151,13 +146,9 @@ impl Gpu {
         running: DevViewMut<'_>,
     ) -> Result<()> {
         let shape = check_bn(s, x, affine, residual)?;
-        check_len("batch norm output", y.len(), s.len())?;
-        check_len("batch norm saved statistics", saved.len(), 2 * s.channels)?;
-        check_len(
-            "batch norm running statistics",
-            running.len(),
-            2 * s.channels,
-        )?;
+        s.check_like_input("batch norm output", y.len())?;
+        s.check_pairs("batch norm saved statistics", saved.len())?;
+        s.check_pairs("batch norm running statistics", running.len())?;
         let Some(shape) = shape else { return Ok(()) };
         let mut slot = self.norm_scratch(shape.scratch_len())?;
         let partials = slot.as_mut().expect("just allocated").dev_mut();
@@ -183,7 +174,17 @@ impl Gpu {
                 .arg(running.ptr())
                 .launch(shape.finalize())?;
         }
-        self.launch_bn_apply(&shape, s, x, affine, saved.as_view(), residual, false, relu, y)
+        self.launch_bn_apply(
+            &shape,
+            s,
+            x,
+            affine,
+            saved.as_view(),
+            residual,
+            false,
+            relu,
+            y,
+        )
     }
 
     /// Evaluation-mode batch norm with the running statistics `[mean; var]`, optionally
@@ -200,12 +201,8 @@ impl Gpu {
         y: DevViewMut<'_>,
     ) -> Result<()> {
         let shape = check_bn(s, x, affine, residual)?;
-        check_len(
-            "batch norm running statistics",
-            running.len(),
-            2 * s.channels,
-        )?;
-        check_len("batch norm output", y.len(), s.len())?;
+        s.check_pairs("batch norm running statistics", running.len())?;
+        s.check_like_input("batch norm output", y.len())?;
         let Some(shape) = shape else { return Ok(()) };
         self.launch_bn_apply(&shape, s, x, affine, running, residual, true, relu, y)
     }
@@ -262,14 +259,10 @@ impl Gpu {
         daffine: DevViewMut<'_>,
     ) -> Result<()> {
         let shape = check_bn(s, x, affine, relu_out)?;
-        check_len("batch norm saved statistics", saved.len(), 2 * s.channels)?;
-        check_len("batch norm output gradient", dy.len(), s.len())?;
-        check_len("batch norm input gradient", dx.len(), s.len())?;
-        check_len(
-            "batch norm parameter gradient",
-            daffine.len(),
-            2 * s.channels,
-        )?;
+        s.check_pairs("batch norm saved statistics", saved.len())?;
+        s.check_like_input("batch norm output gradient", dy.len())?;
+        s.check_like_input("batch norm input gradient", dx.len())?;
+        s.check_pairs("batch norm parameter gradient", daffine.len())?;
         let Some(shape) = shape else { return Ok(()) };
         let mut slot = self.norm_scratch(shape.scratch_len())?;
         let scratch = slot.as_mut().expect("just allocated").dev_mut();

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use anyhow::{Result, ensure};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
-use super::gpu::{Gpu, check_len};
+use super::gpu::Gpu;
 use super::view::{DevView, DevViewMut};
+use crate::engine::check_len;
 use crate::engine::{AvgPool, MaxPool};
 
 /// `POOL_BLOCK` of kernels/pool.cu.
@@ -96,8 +97,7 @@ impl Gpu {
     /// Writes `y`, each value the maximum of its window.
     pub fn maxpool_forward(&self, s: &MaxPool, x: DevView<'_>, y: DevViewMut<'_>) -> Result<()> {
         let [h, w, oh, ow, k, st, p] = check_window(s)?;
-        check_len("max pool input", x.len(), s.planes * s.in_h * s.in_w)?;
-        check_len("max pool output", y.len(), s.planes * s.out_h() * s.out_w())?;
+        s.check(["max pool input", "max pool output"], x.len(), y.len())?;
         if y.is_empty() {
             return Ok(());
         }
@@ -131,11 +131,10 @@ impl Gpu {
         dx: DevViewMut<'_>,
     ) -> Result<()> {
         let [h, w, oh, ow, k, st, p] = check_window(s)?;
-        check_len("max pool input", x.len(), s.planes * s.in_h * s.in_w)?;
-        check_len(
-            "max pool output gradient",
+        s.check(
+            ["max pool input", "max pool output gradient"],
+            x.len(),
             dy.len(),
-            s.planes * s.out_h() * s.out_w(),
         )?;
         check_len("max pool input gradient", dx.len(), x.len())?;
         if dx.is_empty() {
@@ -164,8 +163,11 @@ impl Gpu {
 
     /// Writes `y`, the mean of each plane.
     pub fn avgpool_forward(&self, s: &AvgPool, x: DevView<'_>, y: DevViewMut<'_>) -> Result<()> {
-        check_len("average pool input", x.len(), s.planes * s.spatial)?;
-        check_len("average pool output", y.len(), s.planes)?;
+        s.check(
+            ["average pool input", "average pool output"],
+            x.len(),
+            y.len(),
+        )?;
         ensure!(s.spatial > 0, "average pool over empty planes");
         if y.is_empty() {
             return Ok(());
@@ -186,12 +188,11 @@ impl Gpu {
 
     /// `dx = dy / spatial`, broadcast over each plane. Writes `dx`.
     pub fn avgpool_backward(&self, s: &AvgPool, dy: DevView<'_>, dx: DevViewMut<'_>) -> Result<()> {
-        check_len("average pool output gradient", dy.len(), s.planes)?;
-        check_len(
+        let names = [
             "average pool input gradient",
-            dx.len(),
-            s.planes * s.spatial,
-        )?;
+            "average pool output gradient",
+        ];
+        s.check(names, dx.len(), dy.len())?;
         ensure!(s.spatial > 0, "average pool over empty planes");
         if dx.is_empty() {
             return Ok(());
