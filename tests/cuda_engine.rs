@@ -3,10 +3,14 @@
 //! GPU every test prints why it skips and passes (SLAM_REQUIRE_GPU=1 makes that a failure).
 //!
 //! Tolerances: with exact f32 products the two engines differ only in summation order, so
-//! single ops agree to about 1e-6 (relative L2 error); a whole step goes through ~20
-//! layers and two normalizations, so it gets 1e-4 on the losses and 2e-3 on the gradients
-//! and updates. TF32 rounds the products' inputs to 10 mantissa bits (about 5e-4 relative
-//! per product), so it is checked to 1e-2 on single ops.
+//! single ops agree to about 1e-6 (relative L2 error). A whole step agrees to about 1e-5,
+//! except where a ReLU input lies closer to zero than f32's rounding noise at that depth:
+//! then its sign, and every gradient upstream of it, can differ between any two f32
+//! implementations (PyTorch included) by 4e-4 to 1.4e-2 (bench/torch/README.md, "ReLU
+//! flips"). So whole steps get 1e-4 on the losses, 1e-4 on the running statistics (forward
+//! only), and 3e-2 on the gradients and updates: a wiring or kernel error gives O(1). TF32
+//! rounds the products' inputs to 10 mantissa bits (about 5e-4 relative per product), so it
+//! is checked to 1e-2 on single ops.
 
 mod common;
 
