@@ -11,8 +11,8 @@ use super::median;
 use crate::data::augment::{AugmentConfig, ViewJob, ViewParams};
 use crate::data::rng::ViewKey;
 use crate::data::store::PatchSize;
-use crate::engine::cuda::{DevSlice, Gpu, PairLoss};
-use crate::engine::{SgdUpdate, ViewPair};
+use crate::engine::cuda::{DevSlice, Gpu, MatmulMode, PairLoss};
+use crate::engine::{Conv2d, SgdUpdate, ViewPair};
 use crate::gpu_data::{aug_shape, view_table};
 
 #[derive(Args, Debug)]
@@ -38,6 +38,9 @@ pub struct BenchKernelsArgs {
     /// Side of the views it writes (the reference: 224).
     #[arg(long, default_value_t = 224)]
     pub crop: usize,
+    /// Images per batch of the convolution rows (the reference: 128; at --crop).
+    #[arg(long, default_value_t = 128)]
+    pub conv_batch: usize,
     /// Timed runs of each op (the median is reported).
     #[arg(long, default_value_t = 200)]
     pub runs: usize,
@@ -64,8 +67,8 @@ struct Row {
 pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
     ensure!(
-        args.params > 0 && args.n > 0 && args.dim > 0 && args.views > 0,
-        "--params, --n, --dim and --views must be positive"
+        args.params > 0 && args.n > 0 && args.dim > 0 && args.views > 0 && args.conv_batch > 0,
+        "--params, --n, --dim, --views and --conv-batch must be positive"
     );
     let gpu = Gpu::new(args.gpu).context("slam bench kernels needs a CUDA GPU")?;
     let (major, minor) = gpu.compute_capability();
@@ -226,11 +229,12 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     }
 
     rows.push(bench_augment(args, &gpu, &mut rng, &time)?);
+    rows.extend(bench_conv(args, &gpu, &mut rng, &time)?);
 
     let copy_gbs = rows[0].bytes.expect("copy bytes") / rows[0].median_us / 1e3;
     println!(
         "{:<42} {:>22} {:>10} {:>10} {:>10} {:>9} {:>10}",
-        "op", "size", "median us", "min us", "GB/s", "% copy", "GFLOP/s"
+        "op", "size", "median us", "min us", "GB/s", "% copy", "TFLOP/s"
     );
     for row in &rows {
         let gbs = row.bytes.map(|b| b / row.median_us / 1e3);
@@ -244,12 +248,13 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
             row.min_us,
             cell(gbs, 0),
             cell(gbs.map(|g| 100.0 * g / copy_gbs), 1),
-            cell(row.flops.map(|f| f / row.median_us / 1e3), 0),
+            cell(row.flops.map(|f| f / row.median_us / 1e6), 2),
         );
     }
     println!(
         "GB/s counts the bytes each pass must move (every input read once, every output written \
-         once); the copy counts bytes read + written."
+         once); the copy counts bytes read + written. A convolution's FLOPs are 2 x its \
+         multiply-adds (im2col's unfolding and zero padding not counted)."
     );
     Ok(())
 }
@@ -310,4 +315,70 @@ fn bench_augment(
         bytes: Some(15.0 * pixels_out),
         flops: None,
     })
+}
+
+/// Forward convolutions of ResNet-18 at `--conv-batch` images of `--crop` pixels (the stem,
+/// a layer1 3x3, a layer3 3x3 and a layer2 1x1 stride-2 downsample), each by im2col + cuBLAS
+/// (`Gpu::conv2d_forward`, what the engine runs) and by the implicit-GEMM kernel
+/// (`Gpu::conv2d_forward_igemm`), with exact f32 products and with TF32.
+fn bench_conv(
+    args: &BenchKernelsArgs,
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    time: &Timer<'_>,
+) -> Result<Vec<Row>> {
+    let (n, crop) = (args.conv_batch, args.crop);
+    let conv = |cin, cout, hw: usize, kernel, stride, pad| Conv2d {
+        batch: n,
+        in_channels: cin,
+        out_channels: cout,
+        in_h: hw,
+        in_w: hw,
+        kernel,
+        stride,
+        pad,
+    };
+    let layers = [
+        ("stem", conv(3, 64, crop, 7, 2, 3)),
+        ("layer1", conv(64, 64, crop / 4, 3, 1, 1)),
+        ("layer3", conv(256, 256, crop / 16, 3, 1, 1)),
+        ("down2", conv(64, 128, crop / 4, 1, 2, 0)),
+    ];
+    let versions: [(&'static str, MatmulMode, bool); 4] = [
+        ("conv fwd im2col+cuBLAS (exact)", MatmulMode::Exact, false),
+        ("conv fwd implicit GEMM (exact)", MatmulMode::Exact, true),
+        ("conv fwd im2col+cuBLAS (tf32)", MatmulMode::Tf32, false),
+        ("conv fwd implicit GEMM (tf32)", MatmulMode::Tf32, true),
+    ];
+    let mode = gpu.matmul_mode();
+    let mut rows = Vec::new();
+    for (layer, s) in layers {
+        let x = gpu.upload(&random(rng, s.in_len()))?;
+        let w = gpu.upload(&random(rng, s.weight_len()))?;
+        let mut y: CudaSlice<f32> = gpu.zeros(s.out_len())?;
+        let (xv, wv, mut yv) = (x.dev(), w.dev(), y.dev_mut());
+        for (name, matmul, igemm) in versions {
+            gpu.set_matmul_mode(matmul);
+            let (median_us, min_us) = time(&mut || {
+                if igemm {
+                    gpu.conv2d_forward_igemm(&s, xv, wv, yv.reborrow())
+                } else {
+                    gpu.conv2d_forward(&s, xv, wv, yv.reborrow())
+                }
+            })?;
+            rows.push(Row {
+                name,
+                size: format!(
+                    "{layer} {}>{} {}x{}/{} @{}",
+                    s.in_channels, s.out_channels, s.kernel, s.kernel, s.stride, s.in_h
+                ),
+                median_us,
+                min_us,
+                bytes: None,
+                flops: Some(2.0 * s.macs() as f64),
+            });
+        }
+    }
+    gpu.set_matmul_mode(mode);
+    Ok(rows)
 }

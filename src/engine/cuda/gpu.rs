@@ -15,6 +15,7 @@ use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use super::augment::AugmentKernels;
 use super::blas::MatmulMode;
 use super::conv::ConvKernels;
+use super::conv_igemm::ConvIgemmKernels;
 use super::linear::LinearKernels;
 use super::norm::NormKernels;
 use super::pool::PoolKernels;
@@ -136,6 +137,7 @@ pub struct Gpu {
     pub(super) norm: NormKernels,
     pub(super) pool: PoolKernels,
     pub(super) conv: ConvKernels,
+    pub(super) conv_igemm: ConvIgemmKernels,
     pub(super) linear: LinearKernels,
     pub(super) augment: AugmentKernels,
     scratch: Mutex<Scratch>,
@@ -207,6 +209,7 @@ impl Gpu {
         let norm = NormKernels::load(&module("norm")?)?;
         let pool = PoolKernels::load(&module("pool")?)?;
         let conv = ConvKernels::load(&module("conv")?)?;
+        let conv_igemm = ConvIgemmKernels::load(&module("conv_igemm")?)?;
         let linear = LinearKernels::load(&module("linear")?)?;
         keep_freed_memory(&ctx)?;
 
@@ -234,6 +237,7 @@ impl Gpu {
             norm,
             pool,
             conv,
+            conv_igemm,
             linear,
             augment,
             scratch: Mutex::new(scratch),

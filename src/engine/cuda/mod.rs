@@ -24,6 +24,7 @@ mod ags;
 mod augment;
 mod blas;
 mod conv;
+mod conv_igemm;
 mod engine;
 mod gpu;
 mod linear;
@@ -35,6 +36,7 @@ mod view;
 pub use augment::{AUGMENT_BLOCK, AugShape, AugView, check_augment};
 pub use blas::MatmulMode;
 pub use conv::CONV_BLOCK;
+pub use conv_igemm::IGEMM_THREADS;
 pub use engine::CudaEngine;
 pub use gpu::{
     AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, GpuError, KernelSource, LOSS_BLOCK, LOSS_COLS,
