@@ -15,7 +15,7 @@ use anyhow::{Result, ensure};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use super::blas::MatmulMode;
-use super::gpu::{Gpu, GpuError, check_len, load_function};
+use super::gpu::{Gpu, GpuError, load_function};
 use super::view::{DevView, DevViewMut};
 use crate::engine::Conv2d;
 
@@ -106,9 +106,7 @@ impl Gpu {
         w: DevView<'_>,
         y: DevViewMut<'_>,
     ) -> Result<()> {
-        check_len("conv2d input", x.len(), s.in_len())?;
-        check_len("conv2d weight", w.len(), s.weight_len())?;
-        check_len("conv2d output", y.len(), s.out_len())?;
+        s.check_forward(x.len(), w.len(), y.len())?;
         let shape = igemm_shape(s)?;
         if s.out_len() == 0 {
             return Ok(());
