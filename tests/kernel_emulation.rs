@@ -30,3 +30,8 @@ fn emulate(driver: &str) {
 fn implicit_gemm_convolution_matches_a_naive_one_in_emulation() {
     emulate("conv_igemm");
 }
+
+#[test]
+fn batch_norm_kernels_match_the_cpu_formulas_in_emulation() {
+    emulate("norm");
+}
