@@ -35,3 +35,8 @@ fn implicit_gemm_convolution_matches_a_naive_one_in_emulation() {
 fn batch_norm_kernels_match_the_cpu_formulas_in_emulation() {
     emulate("norm");
 }
+
+#[test]
+fn pooling_kernels_match_the_cpu_twin_bit_for_bit_in_emulation() {
+    emulate("pool");
+}
