@@ -40,3 +40,8 @@ fn batch_norm_kernels_match_the_cpu_formulas_in_emulation() {
 fn pooling_kernels_match_the_cpu_twin_bit_for_bit_in_emulation() {
     emulate("pool");
 }
+
+#[test]
+fn convolution_unfolding_and_linear_kernels_match_naive_ones_in_emulation() {
+    emulate("conv_linear");
+}
