@@ -5,33 +5,11 @@
 // barriers. Run: scripts/emu/conv_igemm.sh (about a minute).
 #include "cuda_shim.h"
 #include "../../kernels/conv_igemm.cu"
-#include <ucontext.h>
-#include <vector>
-#include <functional>
 #include <cstdio>
 #include <random>
 #include <string>
 
-dim3 threadIdx, blockIdx, gridDim, blockDim;
 static const int NT = 256;
-static ucontext_t sched_ctx, fib_ctx[NT];
-static std::vector<char> stacks[NT];
-static int cur = -1;
-static bool done[NT];
-static std::function<void()> body;
-static long long swaps = 0;
-
-static void yield_() { swaps++; swapcontext(&fib_ctx[cur], &sched_ctx); threadIdx.x = cur; }
-
-struct Barrier { int expected, count = 0; unsigned gen = 0; };
-static Barrier block_bar{NT};
-static Barrier warp_bar[NT / 32];
-static void wait(Barrier& b) {
-    unsigned g = b.gen;
-    if (++b.count == b.expected) { b.count = 0; b.gen++; return; }
-    while (b.gen == g) yield_();
-}
-void __syncthreads() { wait(block_bar); }
 
 float to_tf32(float v) {  // cvt.rna.tf32.f32 for finite values
     unsigned u = __float_as_uint(v);
@@ -41,11 +19,12 @@ float to_tf32(float v) {  // cvt.rna.tf32.f32 for finite values
 static long long mma_count = 0;
 struct WarpX { unsigned a[32][4], b[32][2]; };
 static WarpX wx[NT / 32];
+using emu::warp_wait;
 void mma_tf32(float& d0, float& d1, float& d2, float& d3, const unsigned (&a)[4], const unsigned (&b)[2]) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int lane = emu::lane(), warp = emu::warp();
     for (int i = 0; i < 4; i++) { wx[warp].a[lane][i] = a[i]; assert((a[i] & 0x1fff) == 0); }
     for (int i = 0; i < 2; i++) { wx[warp].b[lane][i] = b[i]; assert((b[i] & 0x1fff) == 0); }
-    wait(warp_bar[warp]);
+    warp_wait();
     if (lane == 0) mma_count++;
     // PTX ISA, m16n8k8 .tf32: A(r, c) in lane (r%8)*4 + c%4, reg (r>=8) + 2*(c>=4);
     // B(k, n) in lane n*4 + k%4, reg (k>=4); D(r, c) in lane (r%8)*4 + c/2, reg 2*(r>=8) + c%2.
@@ -59,34 +38,12 @@ void mma_tf32(float& d0, float& d1, float& d2, float& d3, const unsigned (&a)[4]
         for (int k = 0; k < 8; k++) s += (double)A(r, k) * B(k, c);
         *d[e] = (float)s;
     }
-    wait(warp_bar[warp]);
+    warp_wait();
 }
-
-static void trampoline(int i) { body(); done[i] = true; swapcontext(&fib_ctx[i], &sched_ctx); }
 
 static void launch(void (*k)(const float*, const float*, IgemmShape, float*), dim3 grid,
                    const float* x, const float* w, IgemmShape s, float* y) {
-    gridDim = grid; blockDim = {NT, 1, 1};
-    for (int i = 0; i < NT / 32; i++) warp_bar[i] = Barrier{32};
-    for (unsigned by = 0; by < grid.y; by++)
-        for (unsigned bx = 0; bx < grid.x; bx++) {
-            blockIdx = {bx, by, 0};
-            body = [&] { k(x, w, s, y); };
-            for (int i = 0; i < NT; i++) {
-                stacks[i].resize(1 << 16);
-                getcontext(&fib_ctx[i]);
-                fib_ctx[i].uc_stack.ss_sp = stacks[i].data();
-                fib_ctx[i].uc_stack.ss_size = stacks[i].size();
-                fib_ctx[i].uc_link = nullptr;
-                makecontext(&fib_ctx[i], (void (*)())trampoline, 1, i);
-                done[i] = false;
-            }
-            for (bool any = true; any;) {
-                any = false;
-                for (int i = 0; i < NT; i++) if (!done[i]) { any = true; cur = i; threadIdx = {(unsigned)i, 0, 0}; swapcontext(&sched_ctx, &fib_ctx[i]); }
-            }
-            assert(block_bar.count == 0);
-        }
+    emu::launch(grid, dim3(NT), [&] { k(x, w, s, y); });
 }
 
 struct Case { unsigned batch, cin, cout, h, w, k, stride, pad; };
@@ -153,6 +110,6 @@ int main(int argc, char** argv) {
                    c.h, c.w, c.k, c.stride, c.pad, rel, mx, mma_count, ok ? "ok" : "FAIL");
         }
     }
-    printf("%d failures, %lld fiber switches\n", fails, swaps);
+    printf("%d failures, %lld fiber switches\n", fails, emu::swaps);
     return fails != 0;
 }
