@@ -11,37 +11,12 @@
 
 mod common;
 
-use common::{gpu, rel_err};
-use rand::{Rng, SeedableRng};
+use common::{conv, gpu, rel_err, uniform};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::cuda::{DevSlice, Gpu, MatmulMode};
 use slam_ags::engine::{Conv2d, Engine};
-
-fn uniform(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
-}
-
-fn conv(
-    batch: usize,
-    cin: usize,
-    cout: usize,
-    hw: (usize, usize),
-    k: usize,
-    stride: usize,
-    pad: usize,
-) -> Conv2d {
-    Conv2d {
-        batch,
-        in_channels: cin,
-        out_channels: cout,
-        in_h: hw.0,
-        in_w: hw.1,
-        kernel: k,
-        stride,
-        pad,
-    }
-}
 
 /// ResNet-18's convolutions (at crop 224 divided by 4, batch 2), then odd shapes.
 fn shapes() -> Vec<Conv2d> {

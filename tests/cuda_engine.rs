@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{cuda_engine, rel_err};
+use common::{conv, cuda_engine, rel_err, uniform};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
@@ -22,10 +22,6 @@ use slam_ags::engine::cuda::{CudaEngine, MatmulMode};
 use slam_ags::engine::{Conv2d, Engine, Linear};
 use slam_ags::model::optim::Sgd;
 use slam_ags::model::{HostBatch, ModelState, NetConfig, Network, StepConfig, Surgery, Trainer};
-
-fn uniform(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
-}
 
 /// Largest absolute difference relative to the largest magnitude of `want`.
 fn max_err(got: &[f32], want: &[f32]) -> f64 {
@@ -50,27 +46,6 @@ fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
         l2 < tol && max < 10.0 * tol,
         "{what}: error {l2:e} / {max:e} above {tol:e}"
     );
-}
-
-fn conv(
-    batch: usize,
-    cin: usize,
-    cout: usize,
-    hw: (usize, usize),
-    k: usize,
-    stride: usize,
-    pad: usize,
-) -> Conv2d {
-    Conv2d {
-        batch,
-        in_channels: cin,
-        out_channels: cout,
-        in_h: hw.0,
-        in_w: hw.1,
-        kernel: k,
-        stride,
-        pad,
-    }
 }
 
 /// Forward and backward of `s` on both engines; `dw` and `dx` start from random values, so

@@ -8,7 +8,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::gpu;
+use common::{gpu, uniform};
 use cudarc::driver::CudaSlice;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -104,10 +104,6 @@ fn block_sizes_match_the_kernels() {
             "{file}.cu lacks {line:?}"
         );
     }
-}
-
-fn uniform(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
 /// The largest error of `gpu` against `cpu`, relative to |g1|^2, |g2|^2 and |g1||g2|.

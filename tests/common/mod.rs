@@ -162,3 +162,31 @@ pub fn cuda_engine(
     engine.gpu().set_matmul_mode(mode);
     Some(engine)
 }
+
+/// `len` values uniform in [-1, 1).
+pub fn uniform(rng: &mut rand_chacha::ChaCha8Rng, len: usize) -> Vec<f32> {
+    use rand::Rng;
+    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// A convolution of `batch` images of `hw`, `cin` to `cout` channels.
+pub fn conv(
+    batch: usize,
+    cin: usize,
+    cout: usize,
+    hw: (usize, usize),
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> slam_ags::engine::Conv2d {
+    slam_ags::engine::Conv2d {
+        batch,
+        in_channels: cin,
+        out_channels: cout,
+        in_h: hw.0,
+        in_w: hw.1,
+        kernel: k,
+        stride,
+        pad,
+    }
+}
