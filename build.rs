@@ -1,5 +1,7 @@
 //! Compiles every `kernels/*.cu` with nvcc into a fatbin (sm_80 and sm_90 SASS, compute_90 PTX
-//! for newer GPUs to JIT) and writes `$OUT_DIR/kernels.rs`, the table `src/engine/cuda` embeds.
+//! for newer GPUs to JIT) and writes `$OUT_DIR/kernels.rs`, the table `src/engine/cuda` embeds;
+//! likewise `dev/cuda/*.cu` (kernel variants under development) into `$OUT_DIR/dev_kernels.rs`,
+//! which only the dev programs embed.
 //!
 //! nvcc is found through `NVCC` (the binary), `CUDA_HOME` or `CUDA_PATH` (`bin/nvcc` below it),
 //! else `PATH`. Without nvcc, or when a kernel fails to compile, the build warns and embeds the
@@ -31,16 +33,6 @@ fn main() {
     let require = env::var("SLAM_REQUIRE_NVCC").is_ok_and(|v| !v.is_empty() && v != "0");
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
-    let kernels_dir = manifest_dir.join("kernels");
-    println!("cargo:rerun-if-changed={}", kernels_dir.display());
-
-    let mut kernels: Vec<PathBuf> = fs::read_dir(&kernels_dir)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", kernels_dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
-        .collect();
-    kernels.sort();
-
     let nvcc = find_nvcc();
     if nvcc.is_none() {
         let msg = "nvcc not found (set NVCC, CUDA_HOME or PATH)";
@@ -49,7 +41,22 @@ fn main() {
         }
         println!("cargo:warning={msg}: CUDA kernels will be compiled at run time with NVRTC");
     }
+    for (dir, table) in [("kernels", "kernels.rs"), ("dev/cuda", "dev_kernels.rs")] {
+        let text = kernel_table(&manifest_dir.join(dir), &out_dir, nvcc.as_deref(), require);
+        fs::write(out_dir.join(table), text).expect("cannot write a kernel table");
+    }
+}
 
+/// The `&[KernelFile]` literal of every `.cu` file in `dir`, sorted by name: its source and,
+/// where nvcc compiled it, its fatbin.
+fn kernel_table(dir: &Path, out_dir: &Path, nvcc: Option<&Path>, require: bool) -> String {
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let mut kernels: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
+        .collect();
+    kernels.sort();
     let mut table = String::from("&[\n");
     for source in &kernels {
         println!("cargo:rerun-if-changed={}", source.display());
@@ -58,7 +65,7 @@ fn main() {
             .unwrap()
             .to_str()
             .expect("kernel names must be UTF-8");
-        let fatbin = nvcc.as_ref().and_then(|nvcc| {
+        let fatbin = nvcc.and_then(|nvcc| {
             let fatbin = out_dir.join(format!("{stem}.fatbin"));
             match compile(nvcc, source, &fatbin) {
                 Ok(()) => Some(fatbin),
@@ -84,7 +91,7 @@ fn main() {
         .unwrap();
     }
     table.push_str("]\n");
-    fs::write(out_dir.join("kernels.rs"), table).expect("cannot write kernels.rs");
+    table
 }
 
 /// Fails the build with `msg` shown as it is (a panic would add a backtrace).

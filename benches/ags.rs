@@ -7,7 +7,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
-use slam_ags::engine::{Engine, SgdUpdate};
+use slam_ags::engine::prelude::*;
+use slam_ags::engine::{SgdBuffers, SgdUpdate};
 use slam_ags::model::{NetConfig, Network};
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
@@ -36,8 +37,16 @@ fn ags(c: &mut Criterion) {
     group.throughput(bytes(6));
     group.bench_function("sgd_step", |b| {
         b.iter(|| {
-            eng.sgd_step(&update, &g1, &g2, &mut params, &mut momentum)
-                .unwrap()
+            eng.sgd_step(
+                &update,
+                SgdBuffers {
+                    g1: &g1,
+                    g2: &g2,
+                    params: &mut params,
+                    momentum: &mut momentum,
+                },
+            )
+            .unwrap()
         })
     });
     group.finish();

@@ -6,7 +6,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
-use slam_ags::engine::{BatchNorm, Conv2d, Engine};
+use slam_ags::engine::prelude::*;
+use slam_ags::engine::{BatchNorm, BnTrainBackward, BnTrainForward, Conv2d, ConvBackward};
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -56,8 +57,17 @@ fn convs(c: &mut Criterion) {
         group.throughput(Throughput::Elements(4 * s.macs() as u64));
         group.bench_function(BenchmarkId::new("backward", name), |b| {
             b.iter(|| {
-                eng.conv2d_backward(&s, &x, &w, &dy, &mut dw, Some(&mut dx))
-                    .unwrap()
+                eng.conv2d_backward(
+                    &s,
+                    ConvBackward {
+                        x: &x,
+                        w: &w,
+                        dy: &dy,
+                        dw: &mut dw,
+                        dx: Some(&mut dx),
+                    },
+                )
+                .unwrap()
             })
         });
     }
@@ -88,13 +98,15 @@ fn batch_norm(c: &mut Criterion) {
         b.iter(|| {
             eng.batchnorm_train_forward(
                 &s,
-                &x,
-                &affine,
-                Some(&r),
-                true,
-                &mut y,
-                &mut saved,
-                &mut running,
+                BnTrainForward {
+                    x: &x,
+                    affine: &affine,
+                    residual: Some(&r),
+                    relu: true,
+                    y: &mut y,
+                    saved: &mut saved,
+                    running: &mut running,
+                },
             )
             .unwrap()
         })
@@ -107,13 +119,15 @@ fn batch_norm(c: &mut Criterion) {
             dy.copy_from_slice(&dy0);
             eng.batchnorm_train_backward(
                 &s,
-                &x,
-                &affine,
-                &saved,
-                Some(&y),
-                &mut dy,
-                &mut dx,
-                &mut daffine,
+                BnTrainBackward {
+                    x: &x,
+                    affine: &affine,
+                    saved: &saved,
+                    relu_out: Some(&y),
+                    dy: &mut dy,
+                    dx: &mut dx,
+                    daffine: &mut daffine,
+                },
             )
             .unwrap()
         })

@@ -27,6 +27,7 @@ pub mod data;
 pub mod embed;
 pub mod engine;
 pub mod gpu_data;
+pub(crate) mod matmul;
 pub mod memory;
 pub mod mil;
 pub mod model;

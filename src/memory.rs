@@ -1,7 +1,9 @@
-//! How much host memory a command may plan for, so that a batch that cannot fit is refused
-//! before it starts (with the numbers) instead of failing hours into a run.
+//! How much memory a command may plan for, so that a batch that cannot fit is refused before
+//! it starts (with the numbers) instead of failing hours into a run.
 
 use anyhow::{Result, anyhow, ensure};
+
+use crate::engine::Memory;
 
 /// The environment variable that caps the memory slam plans for (bytes, or with a K, M or
 /// G suffix); without it, the system's available memory (Linux `MemAvailable`).
@@ -10,18 +12,29 @@ pub const LIMIT_VAR: &str = "SLAM_MEMORY_LIMIT";
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// The cap `SLAM_MEMORY_LIMIT` sets, if it is set.
-pub fn available_bytes_from_limit() -> Result<Option<u64>> {
+fn available_bytes_from_limit() -> Result<Option<u64>> {
     std::env::var(LIMIT_VAR)
         .ok()
         .map(|text| parse_size(&text))
         .transpose()
 }
 
-/// The memory slam may use, if known.
-pub fn available_bytes() -> Result<Option<u64>> {
-    if let Some(limit) = available_bytes_from_limit()? {
-        return Ok(Some(limit));
-    }
+/// What an engine's buffers may take, if known, and what kind of memory it is ("memory",
+/// "GPU memory"): on the host, the available memory; on a device, its free memory; either
+/// capped by `SLAM_MEMORY_LIMIT` when it is set.
+pub fn available_for(memory: Memory) -> Result<(Option<u64>, &'static str)> {
+    let limit = available_bytes_from_limit()?;
+    Ok(match memory {
+        Memory::Host => (
+            limit.map_or_else(host_available_bytes, |l| Ok(Some(l)))?,
+            "memory",
+        ),
+        Memory::Device { free } => (Some(limit.map_or(free, |l| l.min(free))), "GPU memory"),
+    })
+}
+
+/// The host's available memory (Linux `MemAvailable`), if known.
+fn host_available_bytes() -> Result<Option<u64>> {
     let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
         return Ok(None);
     };

@@ -2,7 +2,8 @@
 
 mod common;
 
-use common::{arg, assert_fails_with, assert_succeeds, rel_err, slam};
+use common::metrics::rel_l2_error;
+use common::{arg, assert_fails_with, assert_succeeds, slam};
 use std::path::Path;
 
 use slam_ags::checkpoint::TensorFile;
@@ -88,14 +89,14 @@ fn dump_step_replays_a_pytorch_step() {
         TensorFile::open(golden.as_ref()).unwrap(),
     );
     for name in ["grad.contrastive", "grad.cohesion", "grad.combined"] {
-        let err = rel_err(
+        let err = rel_l2_error(
             &dump.f32(name).unwrap().0,
             &golden.f32(&format!("step1.{name}")).unwrap().0,
         );
         assert!(err < 2e-3, "{name}: relative error {err:.2e}");
     }
     for name in ["loss.contrastive", "loss.cohesion", "input.neg_j"] {
-        let err = rel_err(
+        let err = rel_l2_error(
             &dump.f32(name).unwrap().0,
             &golden
                 .f32(&format!("step1.{name}"))
@@ -111,7 +112,7 @@ fn dump_step_replays_a_pytorch_step() {
     );
     assert_eq!(before, golden.model_state("before.").unwrap());
     let want = golden.model_state("step1.after.").unwrap();
-    assert!(rel_err(&after.params, &want.params) < 1e-5);
+    assert!(rel_l2_error(&after.params, &want.params) < 1e-5);
     assert_eq!(after.batches_tracked, want.batches_tracked);
     assert_eq!(dump.info("step").unwrap()["surgery"], "pcgrad");
     assert_eq!(dump.info("report").unwrap()["combination"]["fired"], true);

@@ -1,5 +1,5 @@
 //! The fused view kernel (kernels/augment.cu through `gpu_data::DeviceStore` and
-//! `Gpu::augment`) against the CPU augmentation (`render_batch`), bit for bit, for many random
+//! `CudaEngine::augment`) against the CPU augmentation (`render_batch`), bit for bit, for many random
 //! keys and settings, with the store resident and streamed. Without a GPU each GPU test prints
 //! why it skips and passes; with `SLAM_REQUIRE_GPU=1` a missing GPU fails them instead.
 
@@ -7,14 +7,14 @@ mod common;
 
 use std::path::Path;
 
-use common::gpu;
+use common::cuda;
 use cudarc::driver::CudaSlice;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::data::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
 use slam_ags::data::rng::ViewKey;
 use slam_ags::data::store::{BagLabel, PatchSize, PatchStore, StoreWriter};
-use slam_ags::engine::cuda::{AUGMENT_BLOCK, AugView, DevSlice, kernel_file};
+use slam_ags::engine::cuda::{AUGMENT_BLOCK, AugView, DevSlice, MatmulMode, kernel_file};
 use slam_ags::engine::nchw_to_cnhw;
 use slam_ags::gpu_data::{DeviceStore, Residency, aug_shape, view_table};
 
@@ -222,7 +222,9 @@ fn step_tables_pass_the_launch_check() {
 
 #[test]
 fn views_match_the_cpu_bit_for_bit_resident_and_streamed() -> anyhow::Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = cuda(MatmulMode::Exact) else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let mut rng = ChaCha8Rng::seed_from_u64(0xa06);
     for (i, (size, cfg)) in configs().into_iter().enumerate() {
@@ -268,7 +270,9 @@ fn views_match_the_cpu_bit_for_bit_resident_and_streamed() -> anyhow::Result<()>
 /// slots in flight), and the views still match.
 #[test]
 fn streaming_two_steps_ahead_matches() -> anyhow::Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = cuda(MatmulMode::Exact) else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let (size, cfg) = configs().swap_remove(1);
     let store = write_store(&dir.path().join("s.patches"), size, 40, 9);
@@ -303,7 +307,9 @@ fn streaming_two_steps_ahead_matches() -> anyhow::Result<()> {
 
 #[test]
 fn rendering_is_deterministic() -> anyhow::Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = cuda(MatmulMode::Exact) else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let (size, cfg) = configs().swap_remove(3);
     let store = write_store(&dir.path().join("d.patches"), size, 10, 4);
@@ -325,7 +331,9 @@ fn rendering_is_deterministic() -> anyhow::Result<()> {
 
 #[test]
 fn bad_inputs_are_errors() -> anyhow::Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some(gpu) = cuda(MatmulMode::Exact) else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let size = PatchSize::square(16);
     let cfg = AugmentConfig {

@@ -1,395 +1,163 @@
-//! The CUDA engine against the CPU engine: the convolution and linear ops on their own, then
-//! whole training steps and evaluation passes from the same parameters and inputs. Without a
-//! GPU every test prints why it skips and passes (SLAM_REQUIRE_GPU=1 makes that a failure).
+//! The CUDA engine against the CPU engine on whole passes: training steps and evaluation
+//! passes from the same parameters and inputs (through the twin harness, tests/common/twin.rs),
+//! then the step's views rendered on the GPU and pretraining runs. The single ops are
+//! tests/cuda_ops.rs. Without a GPU every test prints why it skips and passes
+//! (SLAM_REQUIRE_GPU=1 makes that a failure).
 //!
-//! Tolerances: with exact f32 products the two engines differ only in summation order, so
-//! single ops agree to about 1e-6 (relative L2 error). A whole step agrees to about 1e-5,
-//! except where a ReLU input lies closer to zero than f32's rounding noise at that depth:
-//! then its sign, and every gradient upstream of it, can differ between any two f32
-//! implementations (PyTorch included) by 4e-4 to 1.4e-2 (bench/torch/README.md, "ReLU
-//! flips"). So whole steps get 1e-4 on the losses, 1e-4 on the running statistics (forward
-//! only), and 3e-2 on the gradients and updates: a wiring or kernel error gives O(1). TF32
-//! rounds the products' inputs to 10 mantissa bits (about 5e-4 relative per product), so it
-//! is checked to 1e-2 on single ops.
+//! Tolerances: a whole step agrees to about 1e-5, except where a ReLU input lies closer to
+//! zero than f32's rounding noise at that depth: then its sign, and every gradient upstream of
+//! it, can differ between any two f32 implementations (PyTorch included) by 4e-4 to 1.4e-2
+//! (pytorch/README.md, "ReLU flips"). So whole steps get 1e-4 on the losses, 1e-4 on the
+//! running statistics (forward only), and 3e-2 on the gradients and updates: a wiring or
+//! kernel error gives O(1).
 
 mod common;
 
-use common::{conv, cuda_engine, rel_err, uniform};
+use anyhow::Result;
+use common::twin::{Case, Output, Tolerance, Twin};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use slam_ags::engine::Engine;
 use slam_ags::engine::cpu::CpuEngine;
-use slam_ags::engine::cuda::{CudaEngine, MatmulMode};
-use slam_ags::engine::{Conv2d, Engine, Linear};
-use slam_ags::model::optim::Sgd;
+use slam_ags::engine::cuda::MatmulMode;
+use slam_ags::engine::prelude::Backend;
 use slam_ags::model::{HostBatch, ModelState, NetConfig, Network, StepConfig, Surgery, Trainer};
 
-/// Largest absolute difference relative to the largest magnitude of `want`.
-fn max_err(got: &[f32], want: &[f32]) -> f64 {
-    let scale = want
-        .iter()
-        .fold(0f64, |m, &w| m.max(w.abs() as f64))
-        .max(1e-30);
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()))
-        / scale
+/// One training step from `state` on `batch`: both losses, g1, g2, the combined gradient, the
+/// update, the running statistics (and the batch-norm step counts, bit for bit).
+struct StepCase {
+    config: NetConfig,
+    n: usize,
+    crop: usize,
+    surgery: Surgery,
 }
 
-fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    let (l2, max) = (rel_err(got, want), max_err(got, want));
-    println!("{what}: relative L2 error {l2:.2e}, max error {max:.2e}");
-    assert!(
-        got.iter().all(|v| v.is_finite()),
-        "{what}: non-finite values"
-    );
-    assert!(
-        l2 < tol && max < 10.0 * tol,
-        "{what}: error {l2:e} / {max:e} above {tol:e}"
-    );
-}
-
-/// Forward and backward of `s` on both engines; `dw` and `dx` start from random values, so
-/// that accumulation (`+=`) is checked too.
-fn conv_case(gpu: &CudaEngine, s: &Conv2d, seed: u64, tol: f64) -> anyhow::Result<()> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let (x, w) = (
-        uniform(&mut rng, s.in_len()),
-        uniform(&mut rng, s.weight_len()),
-    );
-    let dy = uniform(&mut rng, s.out_len());
-    let (dw0, dx0) = (
-        uniform(&mut rng, s.weight_len()),
-        uniform(&mut rng, s.in_len()),
-    );
-    let cpu = CpuEngine;
-
-    let mut y = vec![0.0; s.out_len()];
-    cpu.conv2d_forward(s, &x, &w, &mut y)?;
-    let (mut dw, mut dx) = (dw0.clone(), dx0.clone());
-    cpu.conv2d_backward(s, &x, &w, &dy, &mut dw, Some(&mut dx))?;
-
-    let (gx, gw, gdy) = (gpu.upload(&x)?, gpu.upload(&w)?, gpu.upload(&dy)?);
-    let mut gy = gpu.upload(&vec![f32::NAN; s.out_len()])?;
-    gpu.conv2d_forward(s, gpu.all(&gx), gpu.all(&gw), gpu.all_mut(&mut gy))?;
-    let (mut gdw, mut gdx) = (gpu.upload(&dw0)?, gpu.upload(&dx0)?);
-    let dx_view = gpu.all_mut(&mut gdx);
-    gpu.conv2d_backward(
-        s,
-        gpu.all(&gx),
-        gpu.all(&gw),
-        gpu.all(&gdy),
-        gpu.all_mut(&mut gdw),
-        Some(dx_view),
-    )?;
-    let name = format!("conv {s:?}");
-    check(&format!("{name} y"), &gpu.download(gpu.all(&gy))?, &y, tol);
-    check(
-        &format!("{name} dw"),
-        &gpu.download(gpu.all(&gdw))?,
-        &dw,
-        tol,
-    );
-    check(
-        &format!("{name} dx"),
-        &gpu.download(gpu.all(&gdx))?,
-        &dx,
-        tol,
-    );
-
-    // Without dx, only dw moves.
-    let mut gdw = gpu.upload(&dw0)?;
-    gpu.conv2d_backward(
-        s,
-        gpu.all(&gx),
-        gpu.all(&gw),
-        gpu.all(&gdy),
-        gpu.all_mut(&mut gdw),
-        None,
-    )?;
-    check(
-        &format!("{name} dw (no dx)"),
-        &gpu.download(gpu.all(&gdw))?,
-        &dw,
-        tol,
-    );
-    Ok(())
-}
-
-/// Shapes of ResNet-18's convolutions at small sizes, odd sides, and one large enough to be
-/// cut into several chunks of images (64 channels, 3x3 at 56x56, 40 images).
-fn conv_shapes() -> Vec<Conv2d> {
-    vec![
-        conv(2, 3, 8, (13, 11), 7, 2, 3),
-        conv(3, 8, 8, (9, 9), 3, 1, 1),
-        conv(3, 8, 16, (9, 7), 3, 2, 1),
-        conv(3, 8, 16, (9, 9), 1, 2, 0),
-        conv(4, 16, 8, (5, 5), 1, 1, 0),
-        conv(1, 1, 1, (1, 1), 1, 1, 0),
-        conv(2, 4, 4, (2, 2), 3, 1, 1),
-        conv(40, 64, 64, (56, 56), 3, 1, 1),
-    ]
-}
-
-#[test]
-fn conv2d_matches_cpu_twin() -> anyhow::Result<()> {
-    let Some(gpu) = cuda_engine(MatmulMode::Exact) else {
-        return Ok(());
-    };
-    for (i, s) in conv_shapes().iter().enumerate() {
-        conv_case(&gpu, s, 100 + i as u64, 1e-5)?;
+impl Case for StepCase {
+    fn name(&self) -> String {
+        let n = self.n;
+        format!(
+            "{} crop {} {n}+{n} {}",
+            self.config, self.crop, self.surgery
+        )
     }
-    Ok(())
-}
 
-#[test]
-fn conv2d_tf32_and_bf16_stay_close() -> anyhow::Result<()> {
-    for (mode, tol) in [(MatmulMode::Tf32, 1e-2), (MatmulMode::Bf16, 5e-2)] {
-        let Some(gpu) = cuda_engine(mode) else {
-            return Ok(());
+    fn run<E: Engine>(&self, eng: &E) -> Result<Vec<Output>> {
+        let state = ModelState::init(self.config, 11)?;
+        let batch = HostBatch::random(self.n, self.n, self.crop, 12);
+        let cfg = StepConfig {
+            surgery: self.surgery,
+            temperature: 0.1,
+            ..StepConfig::default()
         };
-        conv_case(&gpu, &conv(8, 32, 64, (28, 28), 3, 1, 1), 7, tol)?;
-    }
-    Ok(())
-}
-
-fn linear_case(gpu: &CudaEngine, s: &Linear, relu: bool, seed: u64) -> anyhow::Result<()> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let x = uniform(&mut rng, s.in_features * s.batch);
-    let wb = uniform(&mut rng, s.param_len());
-    let dy = uniform(&mut rng, s.out_features * s.batch);
-    let (dwb0, dx0) = (uniform(&mut rng, s.param_len()), uniform(&mut rng, x.len()));
-    let cpu = CpuEngine;
-    let mut y = vec![0.0; dy.len()];
-    cpu.linear_forward(s, &x, &wb, relu, &mut y)?;
-    let (mut cdy, mut dwb, mut dx) = (dy.clone(), dwb0.clone(), dx0.clone());
-    cpu.linear_backward(
-        s,
-        &x,
-        &wb,
-        relu.then_some(&y[..]),
-        &mut cdy,
-        &mut dwb,
-        Some(&mut dx),
-    )?;
-
-    let (gx, gwb) = (gpu.upload(&x)?, gpu.upload(&wb)?);
-    let mut gy = gpu.upload(&vec![f32::NAN; y.len()])?;
-    gpu.linear_forward(s, gpu.all(&gx), gpu.all(&gwb), relu, gpu.all_mut(&mut gy))?;
-    let got_y = gpu.download(gpu.all(&gy))?;
-    let (mut gdy, mut gdwb, mut gdx) = (gpu.upload(&dy)?, gpu.upload(&dwb0)?, gpu.upload(&dx0)?);
-    let relu_out = relu.then(|| gpu.all(&gy));
-    let dx_view = gpu.all_mut(&mut gdx);
-    gpu.linear_backward(
-        s,
-        gpu.all(&gx),
-        gpu.all(&gwb),
-        relu_out,
-        gpu.all_mut(&mut gdy),
-        gpu.all_mut(&mut gdwb),
-        Some(dx_view),
-    )?;
-    let name = format!("linear {s:?} relu={relu}");
-    check(&format!("{name} y"), &got_y, &y, 1e-5);
-    check(
-        &format!("{name} masked dy"),
-        &gpu.download(gpu.all(&gdy))?,
-        &cdy,
-        1e-7,
-    );
-    check(
-        &format!("{name} dwb"),
-        &gpu.download(gpu.all(&gdwb))?,
-        &dwb,
-        1e-5,
-    );
-    check(
-        &format!("{name} dx"),
-        &gpu.download(gpu.all(&gdx))?,
-        &dx,
-        1e-5,
-    );
-    Ok(())
-}
-
-#[test]
-fn linear_matches_cpu_twin() -> anyhow::Result<()> {
-    let Some(gpu) = cuda_engine(MatmulMode::Exact) else {
-        return Ok(());
-    };
-    let shapes = [
-        (6, 10, 7),
-        (1, 1, 1),
-        (33, 5, 70),
-        (256, 512, 512),
-        (128, 512, 128),
-    ];
-    for (i, &(batch, in_features, out_features)) in shapes.iter().enumerate() {
-        let s = Linear {
-            batch,
-            in_features,
-            out_features,
+        let mut trainer = Trainer::new(eng, &state)?;
+        let mut combined = eng.zeros(trainer.net.param_len())?;
+        let report = trainer.step(eng, &batch.upload(eng)?, &cfg, 0.05, Some(&mut combined))?;
+        let after = trainer.state(eng)?;
+        let moved: Vec<f32> = after
+            .params
+            .iter()
+            .zip(&state.params)
+            .map(|(a, b)| a - b)
+            .collect();
+        let counts: Vec<f64> = after.batches_tracked.iter().map(|&c| c as f64).collect();
+        let loss = Tolerance::Relative {
+            floor: 1e-3,
+            tol: 1e-4,
         };
-        for relu in [false, true] {
-            linear_case(&gpu, &s, relu, 200 + i as u64)?;
-        }
+        let grad = Tolerance::RelL2(2e-3);
+        Ok(vec![
+            Output::new("contrastive loss", &[report.loss_contrastive], loss),
+            Output::new("cohesion loss", &[report.loss_cohesion], loss),
+            Output::new("g1", &eng.download(eng.all(&trainer.g1))?, grad),
+            Output::new("g2", &eng.download(eng.all(&trainer.g2))?, grad),
+            Output::new("combined", &eng.download(eng.all(&combined))?, grad),
+            Output::new("update", &moved, grad),
+            Output::new("running statistics", &after.running, Tolerance::RelL2(1e-4)),
+            Output::f64("batches tracked", counts, Tolerance::Bits),
+        ])
     }
-    Ok(())
-}
-
-/// One step's results on an engine, downloaded.
-struct StepResult {
-    losses: [f32; 2],
-    g1: Vec<f32>,
-    g2: Vec<f32>,
-    combined: Vec<f32>,
-    after: ModelState,
-}
-
-fn step_on<E: Engine>(
-    eng: &E,
-    state: &ModelState,
-    batch: &HostBatch,
-    cfg: &StepConfig,
-) -> anyhow::Result<StepResult> {
-    let mut trainer = Trainer::new(eng, state)?;
-    let mut combined = eng.zeros(trainer.net.param_len())?;
-    let report = trainer.step(eng, &batch.upload(eng)?, cfg, 0.05, Some(&mut combined))?;
-    Ok(StepResult {
-        losses: [report.loss_contrastive, report.loss_cohesion],
-        g1: eng.download(eng.all(&trainer.g1))?,
-        g2: eng.download(eng.all(&trainer.g2))?,
-        combined: eng.download(eng.all(&combined))?,
-        after: trainer.state(eng)?,
-    })
-}
-
-fn delta(after: &[f32], before: &[f32]) -> Vec<f32> {
-    after.iter().zip(before).map(|(a, b)| a - b).collect()
-}
-
-/// One training step on both engines from the same state and inputs.
-fn step_parity(config: NetConfig, n: usize, crop: usize, surgery: Surgery) -> anyhow::Result<()> {
-    let Some(gpu) = cuda_engine(MatmulMode::Exact) else {
-        return Ok(());
-    };
-    let state = ModelState::init(config, 11)?;
-    let batch = HostBatch::random(n, n, crop, 12);
-    let cfg = StepConfig {
-        surgery,
-        sgd: Sgd::default(),
-        temperature: 0.1,
-    };
-    let want = step_on(&CpuEngine, &state, &batch, &cfg)?;
-    let got = step_on(&gpu, &state, &batch, &cfg)?;
-    let name = format!("{config} crop {crop} {n}+{n} {surgery}");
-    for (i, task) in ["contrastive", "cohesion"].iter().enumerate() {
-        let err = (got.losses[i] as f64 - want.losses[i] as f64).abs()
-            / (want.losses[i].abs() as f64).max(1e-3);
-        println!(
-            "{name}: {task} loss {} (cpu {}), relative error {err:.2e}",
-            got.losses[i], want.losses[i]
-        );
-        assert!(err < 1e-4, "{name}: {task} loss differs by {err:e}");
-    }
-    check(&format!("{name} g1"), &got.g1, &want.g1, 2e-3);
-    check(&format!("{name} g2"), &got.g2, &want.g2, 2e-3);
-    check(
-        &format!("{name} combined"),
-        &got.combined,
-        &want.combined,
-        2e-3,
-    );
-    let moved = |r: &StepResult| delta(&r.after.params, &state.params);
-    check(&format!("{name} update"), &moved(&got), &moved(&want), 2e-3);
-    check(
-        &format!("{name} running statistics"),
-        &got.after.running,
-        &want.after.running,
-        1e-4,
-    );
-    assert_eq!(got.after.batches_tracked, want.after.batches_tracked);
-
-    // The same step again on the GPU: bit for bit.
-    let again = step_on(&gpu, &state, &batch, &cfg)?;
-    assert_eq!(again.g1, got.g1, "{name}: two GPU runs differ (g1)");
-    assert_eq!(
-        again.after.params, got.after.params,
-        "{name}: two GPU runs differ (params)"
-    );
-    Ok(())
 }
 
 #[test]
-fn step_matches_cpu_engine_on_a_small_network() -> anyhow::Result<()> {
-    let config = NetConfig {
+fn step_matches_cpu_engine_on_a_small_network() -> Result<()> {
+    let twin = Twin::new(MatmulMode::Exact);
+    let small = NetConfig {
         width: 8,
         blocks: [1, 1, 1, 1],
         out_dim: 16,
     };
-    step_parity(config, 4, 32, Surgery::Ags)?;
-    step_parity(
-        NetConfig {
-            width: 4,
-            blocks: [2, 1, 1, 2],
-            out_dim: 8,
-        },
-        3,
-        20,
-        Surgery::Pcgrad,
-    )
+    twin.check(&StepCase {
+        config: small,
+        n: 4,
+        crop: 32,
+        surgery: Surgery::Ags,
+    })?;
+    let uneven = NetConfig {
+        width: 4,
+        blocks: [2, 1, 1, 2],
+        out_dim: 8,
+    };
+    twin.check(&StepCase {
+        config: uneven,
+        n: 3,
+        crop: 20,
+        surgery: Surgery::Pcgrad,
+    })
 }
 
 #[test]
-fn step_matches_cpu_engine_on_resnet18_at_a_reduced_crop() -> anyhow::Result<()> {
-    step_parity(NetConfig::named("resnet18")?, 8, 64, Surgery::Ags)
+fn step_matches_cpu_engine_on_resnet18_at_a_reduced_crop() -> Result<()> {
+    Twin::new(MatmulMode::Exact).check(&StepCase {
+        config: NetConfig::named("resnet18")?,
+        n: 8,
+        crop: 64,
+        surgery: Surgery::Ags,
+    })
 }
 
-/// The embeddings of an evaluation pass (running statistics) over `input`.
-fn eval_z<E: Engine>(
-    eng: &E,
-    state: &ModelState,
-    input: &[f32],
-    n: usize,
-    crop: usize,
-) -> anyhow::Result<Vec<f32>> {
-    let net = Network::new(state.config);
-    let (p, r, x) = (
-        eng.upload(&state.params)?,
-        eng.upload(&state.running)?,
-        eng.upload(input)?,
-    );
-    let acts = net.forward_eval(eng, &p, &r, &x, n, crop)?;
-    eng.download(eng.all(&acts.z))
-}
+/// The embeddings of an evaluation pass (running statistics away from (0, 1), so that using
+/// them shows).
+struct EvalCase;
 
-#[test]
-fn eval_forward_matches_cpu_engine() -> anyhow::Result<()> {
-    let Some(gpu) = cuda_engine(MatmulMode::Exact) else {
-        return Ok(());
-    };
-    let config = NetConfig {
-        width: 8,
-        blocks: [2, 2, 2, 2],
-        out_dim: 16,
-    };
-    let mut state = ModelState::init(config, 3)?;
-    // Running statistics away from (0, 1), so that using them shows.
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
-    for v in state.running.iter_mut() {
-        *v += 0.5 * rng.random_range(0.0f32..1.0);
+impl Case for EvalCase {
+    fn name(&self) -> String {
+        "eval forward".into()
     }
-    let (n, crop) = (5, 40);
-    let input = HostBatch::random(n, 1, crop, 5).pos_i;
-    let want = eval_z(&CpuEngine, &state, &input, n, crop)?;
-    let got = eval_z(&gpu, &state, &input, n, crop)?;
-    check("eval forward z", &got, &want, 1e-4);
-    Ok(())
+
+    fn run<E: Engine>(&self, eng: &E) -> Result<Vec<Output>> {
+        let config = NetConfig {
+            width: 8,
+            blocks: [2, 2, 2, 2],
+            out_dim: 16,
+        };
+        let mut state = ModelState::init(config, 3)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        for v in state.running.iter_mut() {
+            *v += 0.5 * rng.random_range(0.0f32..1.0);
+        }
+        let (n, crop) = (5, 40);
+        let input = HostBatch::random(n, 1, crop, 5).pos_i;
+        let net = Network::new(state.config);
+        let (p, r, x) = (
+            eng.upload(&state.params)?,
+            eng.upload(&state.running)?,
+            eng.upload(&input)?,
+        );
+        let acts = net.forward_eval(eng, &p, &r, &x, n, crop)?;
+        let z = eng.download(eng.all(&acts.z))?;
+        Ok(vec![Output::new("z", &z, Tolerance::RelL2(1e-4))])
+    }
+}
+
+#[test]
+fn eval_forward_matches_cpu_engine() -> Result<()> {
+    Twin::new(MatmulMode::Exact).check(&EvalCase)
 }
 
 /// The GPU-rendered views of a training step are the CPU augmentation's, bit for bit, in
 /// both residency modes and for both objectives' view sets.
 #[test]
-fn device_views_match_host_views() -> anyhow::Result<()> {
+fn device_views_match_host_views() -> Result<()> {
     use slam_ags::data::augment::AugmentConfig;
     use slam_ags::data::batch::{Augmenter, Views};
     use slam_ags::data::sampler::{BalancedSampler, SamplerMode};
@@ -397,7 +165,7 @@ fn device_views_match_host_views() -> anyhow::Result<()> {
     use slam_ags::gpu_data::{DeviceViews, Residency};
     use slam_ags::pretrain::{HostViews, ViewSource};
 
-    let Some(gpu) = cuda_engine(MatmulMode::Exact) else {
+    let Some(gpu) = common::cuda(MatmulMode::Exact) else {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
@@ -479,16 +247,16 @@ fn losses(run: &std::path::Path) -> Vec<(f64, f64)> {
 /// step (the same views, the same start), and a run stopped and resumed on the GPU ends
 /// bit-identical to an uninterrupted GPU run.
 #[test]
-fn gpu_pretraining_follows_the_cpu_run_and_resumes_exactly() -> anyhow::Result<()> {
+fn gpu_pretraining_follows_the_cpu_run_and_resumes_exactly() -> Result<()> {
     use slam_ags::gpu_data::{DeviceViews, Residency};
     use slam_ags::pretrain::{Quiet, Run};
 
-    let Some(gpu) = cuda_engine(MatmulMode::Exact) else {
+    let Some(gpu) = common::cuda(MatmulMode::Exact) else {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
     let store = common::random_store(dir.path());
-    let gpu_train = |run: &mut Run| -> anyhow::Result<ModelState> {
+    let gpu_train = |run: &mut Run| -> Result<ModelState> {
         let mut views = DeviceViews::new(&gpu, run.store(), Residency::Auto, 8, 0)?;
         run.train_with(&gpu, &mut Quiet, &mut views)
     };

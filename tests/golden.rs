@@ -10,11 +10,12 @@
 
 mod common;
 
-use common::rel_err;
+use common::metrics::rel_l2_error;
 use serde::Deserialize;
 use slam_ags::checkpoint::TensorFile;
 use slam_ags::engine::cpu::CpuEngine;
-use slam_ags::engine::{Engine, SgdUpdate, nchw_to_cnhw};
+use slam_ags::engine::prelude::*;
+use slam_ags::engine::{SgdBuffers, SgdUpdate, nchw_to_cnhw};
 use slam_ags::model::optim::Sgd;
 use slam_ags::model::{ModelState, Network, StepBatch, StepConfig, Surgery, Trainer};
 
@@ -41,7 +42,7 @@ struct GoldenConfig {
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    let err = rel_err(got, want);
+    let err = rel_l2_error(got, want);
     println!("  {what:<28} relative error {err:.2e} (tolerance {tol:.0e})");
     assert!(
         err <= tol,
@@ -207,7 +208,7 @@ fn run_case(name: &str) {
                     .map(|(a, b)| a - b)
                     .collect()
             };
-            let err = rel_err(&delta(&got), &delta(&want));
+            let err = rel_l2_error(&delta(&got), &delta(&want));
             assert!(
                 err <= 2e-3,
                 "update of {}: relative error {err:.3e}",
@@ -231,10 +232,12 @@ fn run_case(name: &str) {
         };
         eng.sgd_step(
             &update,
-            &want_combined,
-            &want_combined,
-            &mut params,
-            &mut momentum,
+            SgdBuffers {
+                g1: &want_combined,
+                g2: &want_combined,
+                params: &mut params,
+                momentum: &mut momentum,
+            },
         )
         .unwrap();
         assert_close("parameters (SGD)", &params, &want.params, 1e-5);

@@ -46,14 +46,22 @@
 //! `after - before`, after asserting that this equals a run started from zero; outputs the
 //! engine writes (`=`) start as NaN, so that an element left unwritten fails.
 
+mod common;
+
 use std::ops::Range;
 
+use common::reference::{self, rows_of_views};
+use common::{conv, uniform_in};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use slam_ags::engine::cpu::CpuEngine;
-use slam_ags::engine::{AvgPool, BatchNorm, Conv2d, Engine, Linear, MaxPool, ViewPair};
+use slam_ags::engine::prelude::*;
+use slam_ags::engine::{
+    AvgPool, BatchNorm, BnEvalForward, BnTrainBackward, BnTrainForward, Conv2d, ConvBackward,
+    Linear, LinearBackward, LinearForward, LossViews, MaxPool, ViewPair,
+};
 use slam_ags::model::network::{BnParams, ConvParams, LinearParams};
 use slam_ags::model::optim::Sgd;
 use slam_ags::model::{
@@ -110,10 +118,6 @@ fn normal(rng: &mut ChaCha8Rng, len: usize, mean: f32, std: f32) -> Vec<f32> {
         .collect()
 }
 
-fn uniform(rng: &mut ChaCha8Rng, len: usize, lo: f32, hi: f32) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(lo..hi)).collect()
-}
-
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum()
@@ -161,7 +165,7 @@ fn directions(
     if max > 0.0 {
         dirs.push(grad.iter().map(|g| g / max).collect());
     }
-    dirs.extend((0..random).map(|_| uniform(rng, grad.len(), -1.0, 1.0)));
+    dirs.extend((0..random).map(|_| uniform_in(rng, grad.len(), -1.0, 1.0)));
     if grad.len() <= coords_upto {
         for i in 0..grad.len() {
             let mut e = vec![0.0; grad.len()];
@@ -308,7 +312,7 @@ fn accumulated(
         .iter()
         .map(|g| {
             let scale = rms(g).max(1e-3);
-            uniform(rng, g.len(), -scale, scale)
+            uniform_in(rng, g.len(), -scale, scale)
         })
         .collect();
     let mut from_start = start.clone();
@@ -559,53 +563,6 @@ fn reference_forward(
     (z, pattern)
 }
 
-/// The `2n` rows `[z_i; z_j]` of feature-major `[dim, n]` embeddings, L2-normalized.
-fn direct_normalized_rows(z_i: &[f64], z_j: &[f64], n: usize) -> Vec<Vec<f64>> {
-    let dim = z_i.len() / n;
-    (0..2 * n)
-        .map(|a| {
-            let (z, col) = if a < n { (z_i, a) } else { (z_j, a - n) };
-            let row: Vec<f64> = (0..dim).map(|k| z[k * n + col]).collect();
-            let len = row.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
-            row.iter().map(|v| v / len).collect()
-        })
-        .collect()
-}
-
-fn dot64(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
-}
-
-/// NT-Xent: `-mean_a [S[a, p(a)] - log sum_{b != a} exp S[a, b]]`, `S = f f^T / T`.
-fn direct_ntxent(z_i: &[f64], z_j: &[f64], n: usize, t: f64) -> f64 {
-    let f = direct_normalized_rows(z_i, z_j, n);
-    let m = 2 * n;
-    let mut loss = 0.0;
-    for a in 0..m {
-        let s = |b: usize| dot64(&f[a], &f[b]) / t;
-        let log_sum = (0..m)
-            .filter(|&b| b != a)
-            .map(|b| s(b).exp())
-            .sum::<f64>()
-            .ln();
-        loss -= s((a + n) % m) - log_sum;
-    }
-    loss / m as f64
-}
-
-/// Cohesion: `(1 - mean_{a != b} f_a . f_b) / T`.
-fn direct_cohesion(z_i: &[f64], z_j: &[f64], n: usize, t: f64) -> f64 {
-    let f = direct_normalized_rows(z_i, z_j, n);
-    let m = 2 * n;
-    let mut sum = 0.0;
-    for a in 0..m {
-        for b in (0..m).filter(|&b| b != a) {
-            sum += dot64(&f[a], &f[b]);
-        }
-    }
-    (1.0 - sum / (m * (m - 1)) as f64) / t
-}
-
 // ---------------------------------------------------------------------------------------
 // Convolution.
 // ---------------------------------------------------------------------------------------
@@ -643,13 +600,31 @@ fn conv_case(seed: u64, s: Conv2d) {
 
     let grads = accumulated(&mut rng, &tag, &[s.weight_len(), s.in_len()], |g| {
         let (dw, dx) = g.split_at_mut(1);
-        ENG.conv2d_backward(&s, &x, &w, &r, &mut dw[0], Some(&mut dx[0]))
-            .unwrap();
+        ENG.conv2d_backward(
+            &s,
+            ConvBackward {
+                x: &x,
+                w: &w,
+                dy: &r,
+                dw: &mut dw[0],
+                dx: Some(&mut dx[0]),
+            },
+        )
+        .unwrap();
     });
     let (dw, dx) = (&grads[0], &grads[1]);
     let mut dw_only = vec![0.0; s.weight_len()];
-    ENG.conv2d_backward(&s, &x, &w, &r, &mut dw_only, None)
-        .unwrap();
+    ENG.conv2d_backward(
+        &s,
+        ConvBackward {
+            x: &x,
+            w: &w,
+            dy: &r,
+            dw: &mut dw_only,
+            dx: None,
+        },
+    )
+    .unwrap();
     assert!(
         rel_diff(&dw_only, dw) <= 1e-6,
         "{tag}: dw without dx differs"
@@ -665,24 +640,6 @@ fn conv_case(seed: u64, s: Conv2d) {
     check(&format!("{tag}: dw"), &w, dw, 0.1 * rms(&w), &dirs, |w| {
         Eval::smooth(dot(&r, &conv_forward(&s, &x, w)))
     });
-}
-
-fn conv(
-    batch: usize,
-    (in_channels, out_channels): (usize, usize),
-    (in_h, in_w): (usize, usize),
-    (kernel, stride, pad): (usize, usize, usize),
-) -> Conv2d {
-    Conv2d {
-        batch,
-        in_channels,
-        out_channels,
-        in_h,
-        in_w,
-        kernel,
-        stride,
-        pad,
-    }
 }
 
 #[test]
@@ -737,7 +694,7 @@ impl BnInputs {
             let (mean, std) = (rng.random_range(-1.0..1.0), rng.random_range(0.3..2.0));
             x.extend(normal(rng, per_channel, mean, std));
         }
-        let mut gamma = uniform(rng, channels, 0.5, 1.5);
+        let mut gamma = uniform_in(rng, channels, 0.5, 1.5);
         gamma[channels - 1] *= -1.0;
         let beta = normal(rng, channels, 0.0, 0.5);
         let residual = residual.then(|| normal(rng, s.len(), 0.0, 1.0));
@@ -774,13 +731,15 @@ impl BnInputs {
         let mut running = [vec![0.0; c], vec![1.0; c]].concat();
         ENG.batchnorm_train_forward(
             &self.s,
-            x,
-            affine,
-            residual,
-            relu,
-            &mut y,
-            &mut saved,
-            &mut running,
+            BnTrainForward {
+                x,
+                affine,
+                residual,
+                relu,
+                y: &mut y,
+                saved: &mut saved,
+                running: &mut running,
+            },
         )
         .unwrap();
         (y, saved)
@@ -806,7 +765,16 @@ fn batchnorm_case(seed: u64, channels: usize, per_channel: usize, residual: bool
         let relu_out = relu.then_some(&y[..]);
         let (x, affine) = (&bn.x, &bn.affine);
         ENG.batchnorm_train_backward(
-            &bn.s, x, affine, &saved, relu_out, &mut dy, &mut dx, &mut g[0],
+            &bn.s,
+            BnTrainBackward {
+                x,
+                affine,
+                saved: &saved,
+                relu_out,
+                dy: &mut dy,
+                dx: &mut dx,
+                daffine: &mut g[0],
+            },
         )
         .unwrap();
     });
@@ -876,7 +844,7 @@ fn gradcheck_batchnorm_eval_forward_and_running_stats() {
     let bn = BnInputs::random(&mut rng, 3, 2 * 4 * 5, true);
     let (c, m) = (bn.s.channels, bn.s.per_channel);
     let running_mean = normal(&mut rng, c, 0.0, 1.0);
-    let running_var = uniform(&mut rng, c, 0.2, 3.0);
+    let running_var = uniform_in(&mut rng, c, 0.2, 3.0);
     let running = [running_mean.clone(), running_var.clone()].concat();
     for (residual, relu) in [(false, false), (false, true), (true, false), (true, true)] {
         let res = if residual {
@@ -886,8 +854,18 @@ fn gradcheck_batchnorm_eval_forward_and_running_stats() {
         };
         let mut y = vec![f32::NAN; bn.s.len()];
         let (x, affine) = (&bn.x, &bn.affine);
-        ENG.batchnorm_eval_forward(&bn.s, x, affine, &running, res, relu, &mut y)
-            .unwrap();
+        ENG.batchnorm_eval_forward(
+            &bn.s,
+            BnEvalForward {
+                x,
+                affine,
+                running: &running,
+                residual: res,
+                relu,
+                y: &mut y,
+            },
+        )
+        .unwrap();
         let want: Vec<f64> = (0..bn.s.len())
             .map(|i| {
                 let ch = i / m;
@@ -909,13 +887,15 @@ fn gradcheck_batchnorm_eval_forward_and_running_stats() {
     let (x, affine) = (&bn.x, &bn.affine);
     ENG.batchnorm_train_forward(
         &bn.s,
-        x,
-        affine,
-        None,
-        false,
-        &mut y,
-        &mut saved,
-        &mut updated,
+        BnTrainForward {
+            x,
+            affine,
+            residual: None,
+            relu: false,
+            y: &mut y,
+            saved: &mut saved,
+            running: &mut updated,
+        },
     )
     .unwrap();
     let mom = BN_MOMENTUM as f64;
@@ -1053,14 +1033,23 @@ fn linear_case(seed: u64, s: Linear, relu: bool) {
     let bound = 1.0 / (s.in_features as f32).sqrt();
     let x = normal(&mut rng, s.in_features * s.batch, 0.0, 1.0);
     let wb = [
-        uniform(&mut rng, s.out_features * s.in_features, -bound, bound),
+        uniform_in(&mut rng, s.out_features * s.in_features, -bound, bound),
         normal(&mut rng, s.out_features, 0.0, 0.3),
     ]
     .concat();
     let r = normal(&mut rng, s.out_features * s.batch, 0.0, 1.0);
     let forward = |x: &[f32], wb: &[f32]| {
         let mut y = vec![f32::NAN; s.out_features * s.batch];
-        ENG.linear_forward(&s, x, wb, relu, &mut y).unwrap();
+        ENG.linear_forward(
+            &s,
+            LinearForward {
+                x,
+                wb,
+                relu,
+                y: &mut y,
+            },
+        )
+        .unwrap();
         y
     };
     let y = forward(&x, &wb);
@@ -1071,20 +1060,32 @@ fn linear_case(seed: u64, s: Linear, relu: bool) {
         let (dwb, dx) = g.split_at_mut(1);
         ENG.linear_backward(
             &s,
-            &x,
-            &wb,
-            relu_out,
-            &mut dy,
-            &mut dwb[0],
-            Some(&mut dx[0]),
+            LinearBackward {
+                x: &x,
+                wb: &wb,
+                relu_out,
+                dy: &mut dy,
+                dwb: &mut dwb[0],
+                dx: Some(&mut dx[0]),
+            },
         )
         .unwrap();
     });
     let (dwb, dx) = (&grads[0], &grads[1]);
     let mut dwb_only = vec![0.0; s.param_len()];
     dy.copy_from_slice(&r);
-    ENG.linear_backward(&s, &x, &wb, relu_out, &mut dy, &mut dwb_only, None)
-        .unwrap();
+    ENG.linear_backward(
+        &s,
+        LinearBackward {
+            x: &x,
+            wb: &wb,
+            relu_out,
+            dy: &mut dy,
+            dwb: &mut dwb_only,
+            dx: None,
+        },
+    )
+    .unwrap();
     assert_eq!(&dwb_only, dwb, "{tag}: d[W;b] without dx differs");
 
     // Linear up to the ReLU's kinks: a large step without them.
@@ -1132,8 +1133,26 @@ impl Loss {
     fn engine(self, s: &ViewPair, z_i: &[f32], z_j: &[f32], t: f32) -> (f32, [Vec<f32>; 2]) {
         let (mut dz_i, mut dz_j) = (vec![f32::NAN; z_i.len()], vec![f32::NAN; z_j.len()]);
         let loss = match self {
-            Loss::NtXent => ENG.ntxent(s, z_i, z_j, t, &mut dz_i, &mut dz_j),
-            Loss::Cohesion => ENG.cohesion(s, z_i, z_j, t, &mut dz_i, &mut dz_j),
+            Loss::NtXent => ENG.ntxent(
+                s,
+                t,
+                LossViews {
+                    z_i,
+                    z_j,
+                    dz_i: &mut dz_i,
+                    dz_j: &mut dz_j,
+                },
+            ),
+            Loss::Cohesion => ENG.cohesion(
+                s,
+                t,
+                LossViews {
+                    z_i,
+                    z_j,
+                    dz_i: &mut dz_i,
+                    dz_j: &mut dz_j,
+                },
+            ),
         };
         (loss.unwrap(), [dz_i, dz_j])
     }
@@ -1141,8 +1160,8 @@ impl Loss {
     /// The loss in f64 from its definition.
     fn direct(self, z_i: &[f64], z_j: &[f64], n: usize, t: f32) -> f64 {
         match self {
-            Loss::NtXent => direct_ntxent(z_i, z_j, n, t as f64),
-            Loss::Cohesion => direct_cohesion(z_i, z_j, n, t as f64),
+            Loss::NtXent => reference::ntxent(&rows_of_views(z_i, z_j, n), t as f64),
+            Loss::Cohesion => reference::cohesion(&rows_of_views(z_i, z_j, n), t as f64),
         }
     }
 }
@@ -1151,7 +1170,7 @@ fn loss_case(seed: u64, loss: Loss, s: ViewPair, t: f32) {
     let tag = format!("{loss:?} dim {} n {} T {t}", s.dim, s.n);
     let mut rng = rng(seed);
     // Samples of different norms, so that the normalization's backward matters.
-    let scales = uniform(&mut rng, 2 * s.n, 0.3, 3.0);
+    let scales = uniform_in(&mut rng, 2 * s.n, 0.3, 3.0);
     let mut z = normal(&mut rng, 2 * s.dim * s.n, 0.0, 1.0);
     for (i, v) in z.iter_mut().enumerate() {
         let (view, col) = (i / (s.dim * s.n), i % s.n);
@@ -1213,7 +1232,7 @@ fn random_state(config: NetConfig, seed: u64) -> (Network, ModelState) {
     for bn in net.bns() {
         let c = bn.channels;
         let affine = &mut state.params[bn.affine.clone()];
-        affine[..c].copy_from_slice(&uniform(&mut rng, c, 0.5, 1.5));
+        affine[..c].copy_from_slice(&uniform_in(&mut rng, c, 0.5, 1.5));
         affine[c..].copy_from_slice(&normal(&mut rng, c, 0.0, 0.2));
     }
     (net, state)
@@ -1545,7 +1564,7 @@ fn network_eval_forward_matches_reference() {
         let c = bn.channels;
         let running = &mut state.running[bn.running.clone()];
         running[..c].copy_from_slice(&normal(&mut rng, c, 0.0, 0.5));
-        running[c..].copy_from_slice(&uniform(&mut rng, c, 0.5, 2.0));
+        running[c..].copy_from_slice(&uniform_in(&mut rng, c, 0.5, 2.0));
     }
     let (batch, crop) = (3, 24);
     let input = HostBatch::random(batch, 2, crop, 173);

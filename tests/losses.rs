@@ -8,10 +8,14 @@
 //! scaling, the gradient's orthogonality to `z`, the cohesion gradient formula, finite
 //! differences of the explicit losses, and the temperature scaling of cohesion.
 
+mod common;
+
+use common::reference::{self, Rows, dot, norm, normalized};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
-use slam_ags::engine::{Engine, ViewPair};
+use slam_ags::engine::prelude::*;
+use slam_ags::engine::{LossViews, ViewPair};
 
 const T_REF: f64 = 0.07;
 
@@ -20,8 +24,6 @@ enum Loss {
     NtXent,
     Cohesion,
 }
-
-type Rows = Vec<Vec<f64>>;
 
 /// Runs the engine on `2n` rows (`rows[..n]` are view i, `rows[n..]` view j) given in f64
 /// (rounded to f32 on the way in). Returns the loss and the gradient as rows.
@@ -42,8 +44,26 @@ fn engine_loss(loss: Loss, rows: &Rows, t: f64) -> (f64, Rows) {
     let (mut dz_i, mut dz_j) = (vec![f32::NAN; dim * n], vec![f32::NAN; dim * n]);
     let s = ViewPair { dim, n };
     let value = match loss {
-        Loss::NtXent => CpuEngine.ntxent(&s, &z_i, &z_j, t as f32, &mut dz_i, &mut dz_j),
-        Loss::Cohesion => CpuEngine.cohesion(&s, &z_i, &z_j, t as f32, &mut dz_i, &mut dz_j),
+        Loss::NtXent => CpuEngine.ntxent(
+            &s,
+            t as f32,
+            LossViews {
+                z_i: &z_i,
+                z_j: &z_j,
+                dz_i: &mut dz_i,
+                dz_j: &mut dz_j,
+            },
+        ),
+        Loss::Cohesion => CpuEngine.cohesion(
+            &s,
+            t as f32,
+            LossViews {
+                z_i: &z_i,
+                z_j: &z_j,
+                dz_i: &mut dz_i,
+                dz_j: &mut dz_j,
+            },
+        ),
     }
     .unwrap();
     let unpack = |dz: &[f32]| -> Rows {
@@ -63,57 +83,10 @@ fn as_f32(rows: &Rows) -> Rows {
         .collect()
 }
 
-fn dot(x: &[f64], y: &[f64]) -> f64 {
-    x.iter().zip(y).map(|(a, b)| a * b).sum()
-}
-
-fn norm(x: &[f64]) -> f64 {
-    dot(x, x).sqrt()
-}
-
-fn normalized(rows: &Rows) -> Rows {
-    rows.iter()
-        .map(|r| {
-            let s = norm(r).max(1e-12);
-            r.iter().map(|v| v / s).collect()
-        })
-        .collect()
-}
-
-/// Cohesion over every ordered pair: `(1 - mean_{a != b} f_a . f_b) / T`.
-fn cohesion_explicit(rows: &Rows, t: f64) -> f64 {
-    let f = normalized(rows);
-    let m = f.len();
-    let mut sum = 0.0;
-    for a in 0..m {
-        for b in (0..m).filter(|&b| b != a) {
-            sum += dot(&f[a], &f[b]);
-        }
-    }
-    (1.0 - sum / (m * (m - 1)) as f64) / t
-}
-
-/// NT-Xent over every anchor: `-mean_a [S[a,p] - ln sum_{b != a} exp S[a,b]]`.
-fn ntxent_explicit(rows: &Rows, t: f64) -> f64 {
-    let f = normalized(rows);
-    let m = f.len();
-    let n = m / 2;
-    let mut total = 0.0;
-    for a in 0..m {
-        let p = (a + n) % m;
-        let denom: f64 = (0..m)
-            .filter(|&b| b != a)
-            .map(|b| (dot(&f[a], &f[b]) / t).exp())
-            .sum();
-        total += dot(&f[a], &f[p]) / t - denom.ln();
-    }
-    -total / m as f64
-}
-
 fn explicit(loss: Loss, rows: &Rows, t: f64) -> f64 {
     match loss {
-        Loss::NtXent => ntxent_explicit(rows, t),
-        Loss::Cohesion => cohesion_explicit(rows, t),
+        Loss::NtXent => reference::ntxent(rows, t),
+        Loss::Cohesion => reference::cohesion(rows, t),
     }
 }
 
@@ -474,7 +447,16 @@ fn bad_shapes_are_errors() {
     let ok = ViewPair { dim: 4, n: 3 };
     assert!(
         CpuEngine
-            .cohesion(&ok, &z, &z, 0.1, &mut d1, &mut d2)
+            .cohesion(
+                &ok,
+                0.1,
+                LossViews {
+                    z_i: &z,
+                    z_j: &z,
+                    dz_i: &mut d1,
+                    dz_j: &mut d2
+                }
+            )
             .is_ok()
     );
     for s in [
@@ -482,16 +464,47 @@ fn bad_shapes_are_errors() {
         ViewPair { dim: 0, n: 3 },
         ViewPair { dim: 5, n: 3 },
     ] {
-        assert!(CpuEngine.ntxent(&s, &z, &z, 0.1, &mut d1, &mut d2).is_err());
         assert!(
             CpuEngine
-                .cohesion(&s, &z, &z, 0.1, &mut d1, &mut d2)
+                .ntxent(
+                    &s,
+                    0.1,
+                    LossViews {
+                        z_i: &z,
+                        z_j: &z,
+                        dz_i: &mut d1,
+                        dz_j: &mut d2
+                    }
+                )
+                .is_err()
+        );
+        assert!(
+            CpuEngine
+                .cohesion(
+                    &s,
+                    0.1,
+                    LossViews {
+                        z_i: &z,
+                        z_j: &z,
+                        dz_i: &mut d1,
+                        dz_j: &mut d2
+                    }
+                )
                 .is_err()
         );
     }
     assert!(
         CpuEngine
-            .ntxent(&ok, &z, &z[1..], 0.1, &mut d1, &mut d2)
+            .ntxent(
+                &ok,
+                0.1,
+                LossViews {
+                    z_i: &z,
+                    z_j: &z[1..],
+                    dz_i: &mut d1,
+                    dz_j: &mut d2
+                }
+            )
             .is_err()
     );
 }

@@ -9,10 +9,12 @@
 mod common;
 
 use common::in_pool;
+use common::metrics::max_error_over_mean_magnitude;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
-use slam_ags::engine::{Engine, GradDots, SgdUpdate};
+use slam_ags::engine::prelude::*;
+use slam_ags::engine::{GradDots, SgdBuffers, SgdUpdate};
 use slam_ags::model::Surgery;
 use slam_ags::model::optim::{Schedule, Sgd};
 
@@ -47,16 +49,6 @@ impl ReferenceSgd {
     }
 }
 
-/// Largest elementwise difference relative to the mean magnitude of `want`.
-fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    let scale = want.iter().map(|v| v.abs()).sum::<f64>() / want.len() as f64;
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
-    diff / scale
-}
-
 #[test]
 fn sgd_step_matches_pytorch_sgd_over_several_steps() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -86,12 +78,20 @@ fn sgd_step_matches_pytorch_sgd_over_several_steps() {
                 weight_decay,
             };
             CpuEngine
-                .sgd_step(&u, &g1, &g2, &mut params, &mut buf)
+                .sgd_step(
+                    &u,
+                    SgdBuffers {
+                        g1: &g1,
+                        g2: &g2,
+                        params: &mut params,
+                        momentum: &mut buf,
+                    },
+                )
                 .unwrap();
             reference.step(&u, &g1, &g2);
             let (p_err, b_err) = (
-                rel_err(&params, &reference.params),
-                rel_err(&buf, reference.buf.as_ref().unwrap()),
+                max_error_over_mean_magnitude(&params, &reference.params),
+                max_error_over_mean_magnitude(&buf, reference.buf.as_ref().unwrap()),
             );
             assert!(
                 p_err < 2e-6 && b_err < 2e-6,
@@ -120,7 +120,17 @@ fn first_step_from_zero_momentum_is_buf_equals_d_exactly() {
     };
     let mut p = params.clone();
     let mut buf = vec![0.0f32; len];
-    CpuEngine.sgd_step(&u, &g1, &g2, &mut p, &mut buf).unwrap();
+    CpuEngine
+        .sgd_step(
+            &u,
+            SgdBuffers {
+                g1: &g1,
+                g2: &g2,
+                params: &mut p,
+                momentum: &mut buf,
+            },
+        )
+        .unwrap();
     for i in 0..len {
         // PyTorch's first step clones d into the buffer: no momentum term at all.
         let d = (u.alpha * g1[i] + u.beta * g2[i]) + u.weight_decay * params[i];
@@ -153,7 +163,17 @@ fn sgd_step_ignores_the_thread_count_and_checks_lengths() {
         let (mut p, mut m) = (params.clone(), vec![0.5f32; len]);
         in_pool(threads, || {
             for _ in 0..3 {
-                CpuEngine.sgd_step(&u, &g1, &g2, &mut p, &mut m).unwrap();
+                CpuEngine
+                    .sgd_step(
+                        &u,
+                        SgdBuffers {
+                            g1: &g1,
+                            g2: &g2,
+                            params: &mut p,
+                            momentum: &mut m,
+                        },
+                    )
+                    .unwrap();
             }
         });
         (p, m)
@@ -176,17 +196,41 @@ fn sgd_step_ignores_the_thread_count_and_checks_lengths() {
     let (mut p, mut m) = (params.clone(), vec![0.0f32; len]);
     assert!(
         CpuEngine
-            .sgd_step(&u, &g1[1..], &g2, &mut p, &mut m)
+            .sgd_step(
+                &u,
+                SgdBuffers {
+                    g1: &g1[1..],
+                    g2: &g2,
+                    params: &mut p,
+                    momentum: &mut m
+                }
+            )
             .is_err()
     );
     assert!(
         CpuEngine
-            .sgd_step(&u, &g1, &g2[1..], &mut p, &mut m)
+            .sgd_step(
+                &u,
+                SgdBuffers {
+                    g1: &g1,
+                    g2: &g2[1..],
+                    params: &mut p,
+                    momentum: &mut m
+                }
+            )
             .is_err()
     );
     assert!(
         CpuEngine
-            .sgd_step(&u, &g1, &g2, &mut p, &mut m[1..])
+            .sgd_step(
+                &u,
+                SgdBuffers {
+                    g1: &g1,
+                    g2: &g2,
+                    params: &mut p,
+                    momentum: &mut m[1..]
+                }
+            )
             .is_err()
     );
     assert_eq!(p, params, "a rejected step must not touch the parameters");

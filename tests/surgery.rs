@@ -13,8 +13,9 @@ mod common;
 use common::in_pool;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use slam_ags::engine::GradDots;
 use slam_ags::engine::cpu::CpuEngine;
-use slam_ags::engine::{Engine, GradDots};
+use slam_ags::engine::prelude::*;
 use slam_ags::model::Surgery;
 use slam_ags::model::surgery::Combination;
 
@@ -289,7 +290,7 @@ fn exactly_antiparallel_gradients() {
             // also through the engine's f32 pass.
             let mut out = vec![0.0f32; g1.len()];
             CpuEngine
-                .combine_grads(&g1, &g2, c.alpha as f32, c.beta as f32, &mut out)
+                .combine_grads((c.alpha as f32, c.beta as f32), &g1, &g2, &mut out)
                 .unwrap();
             let applied = norm(&to_f64(&out));
             assert!(
@@ -345,10 +346,9 @@ fn both_gradients_zero() {
     let mut out = vec![1.0f32; 7];
     CpuEngine
         .combine_grads(
+            (c.alpha as f32, c.beta as f32),
             &[0.0; 7],
             &[0.0; 7],
-            c.alpha as f32,
-            c.beta as f32,
             &mut out,
         )
         .unwrap();
@@ -377,7 +377,7 @@ fn random_high_dimensional_cases() {
             let c = mode.combine(dots);
             let mut out = vec![0.0f32; dim];
             CpuEngine
-                .combine_grads(&g1f, &g2f, c.alpha as f32, c.beta as f32, &mut out)
+                .combine_grads((c.alpha as f32, c.beta as f32), &g1f, &g2f, &mut out)
                 .unwrap();
             let want = reference(mode, &x, &y);
             let err = dist(&to_f64(&out), &want);
@@ -463,7 +463,7 @@ fn combine_grads_is_the_elementwise_combination() {
     let mut out = vec![f32::NAN; len];
     in_pool(2, || {
         CpuEngine
-            .combine_grads(&g1, &g2, alpha, beta, &mut out)
+            .combine_grads((alpha, beta), &g1, &g2, &mut out)
             .unwrap()
     });
     for i in 0..len {
@@ -477,7 +477,7 @@ fn combine_grads_is_the_elementwise_combination() {
     // Mismatched lengths are an error, not a panic.
     assert!(
         CpuEngine
-            .combine_grads(&g1, &g2[1..], 1.0, 1.0, &mut out)
+            .combine_grads((1.0, 1.0), &g1, &g2[1..], &mut out)
             .is_err()
     );
     assert!(CpuEngine.grad_dots(&g1, &g2[1..]).is_err());

@@ -1,10 +1,10 @@
-// Host emulation of kernels/conv_igemm.cu (no GPU needed): every kernel on every shape
+// Host emulation of dev/cuda/conv_igemm.cu (no GPU needed): every kernel on every shape
 // below against a naive f64 convolution, the 64 values past the output checked untouched.
 // Each block runs its 256 threads as fibers (ucontext) on one OS thread; __syncthreads and
 // the warp-wide mma.sync (emulated from the PTX ISA fragment layout of m16n8k8 .tf32) are
 // barriers. Run: scripts/emu/conv_igemm.sh (about a minute).
 #include "cuda_shim.h"
-#include "../../kernels/conv_igemm.cu"
+#include "../../dev/cuda/conv_igemm.cu"
 #include <cstdio>
 #include <random>
 #include <string>

@@ -157,14 +157,13 @@ impl EngineArgs {
     /// the device on stderr.
     pub fn open_cuda(&self, default: Matmul) -> Result<CudaEngine> {
         let mode = self.matmul.unwrap_or(default);
-        let eng =
-            CudaEngine::new(0, mode.into()).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
-        let gpu = eng.gpu();
-        let (major, minor) = gpu.compute_capability();
+        let eng = CudaEngine::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+        eng.set_matmul_mode(mode.into());
+        let (major, minor) = eng.compute_capability();
         eprintln!(
             "cuda engine: {} (sm_{major}{minor}, {} SMs), {:?} products",
-            gpu.name(),
-            gpu.sm_count(),
+            eng.device_name(),
+            eng.sm_count(),
             mode
         );
         Ok(eng)

@@ -114,11 +114,10 @@ fn run_step(args: &BenchStepArgs) -> Result<()> {
         }
         Device::Cuda => {
             let eng = args.engine.open_cuda(Matmul::Tf32)?;
-            let gpu = eng.gpu();
-            gpu.reset_peak_memory()?;
+            eng.reset_peak_memory()?;
             let timing = time_steps(&eng, args)?;
-            let peak = gpu.peak_memory_bytes()?;
-            let rate = gpu.matmul_rate()?;
+            let peak = eng.peak_memory_bytes()?;
+            let rate = eng.matmul_rate()?;
             print_timing(args, &timing, Some((peak, rate)))
         }
     }

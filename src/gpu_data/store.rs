@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use super::{aug_shape, view_table};
 use crate::data::augment::{AugmentConfig, ViewJob};
 use crate::data::store::{PatchSize, PatchStore};
-use crate::engine::cuda::{DevSlice, DevViewMut, Gpu};
+use crate::engine::cuda::{CudaEngine, DevSlice, DevViewMut};
 
 /// Where the pixels live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,7 +105,7 @@ impl DeviceStore {
     /// caller keeps for everything else (network, activations), which residency must leave
     /// free.
     pub fn new(
-        gpu: &Gpu,
+        gpu: &CudaEngine,
         store: &PatchStore,
         residency: Residency,
         max_step_patches: usize,
@@ -281,7 +281,7 @@ impl DeviceStore {
     /// in `out`. Every job must read a patch that `staged` holds.
     pub fn render(
         &mut self,
-        gpu: &Gpu,
+        gpu: &CudaEngine,
         staged: Staged,
         cfg: &AugmentConfig,
         groups: &[&[ViewJob]],
@@ -332,7 +332,7 @@ impl DeviceStore {
     /// [`DeviceStore::stage`] then [`DeviceStore::render`] for the patches the jobs read.
     pub fn render_now(
         &mut self,
-        gpu: &Gpu,
+        gpu: &CudaEngine,
         store: &PatchStore,
         cfg: &AugmentConfig,
         groups: &[&[ViewJob]],

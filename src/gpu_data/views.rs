@@ -8,7 +8,6 @@ use crate::data::PatchStore;
 use crate::data::augment::ViewJob;
 use crate::data::batch::{Augmenter, Views};
 use crate::data::sampler::SampledBatch;
-use crate::engine::Engine;
 use crate::engine::cuda::{CudaEngine, DevSlice};
 use crate::model::StepBatch;
 use crate::pretrain::ViewSource;
@@ -30,7 +29,7 @@ impl DeviceViews {
         max_step_patches: usize,
         reserve_bytes: usize,
     ) -> Result<Self> {
-        let store = DeviceStore::new(eng.gpu(), store, residency, max_step_patches, reserve_bytes)?;
+        let store = DeviceStore::new(eng, store, residency, max_step_patches, reserve_bytes)?;
         Ok(Self { store })
     }
 
@@ -54,16 +53,15 @@ impl ViewSource<CudaEngine> for DeviceViews {
         let groups: Vec<&[ViewJob]> = jobs.iter().map(Vec::as_slice).collect();
         let crop = augmenter.config.crop;
         let total = jobs.iter().map(Vec::len).sum::<usize>() * 3 * crop * crop;
-        let gpu = eng.gpu();
         let mut all = eng.zeros(total)?;
         let ranges =
             self.store
-                .render_now(gpu, store, &augmenter.config, &groups, all.dev_mut())?;
+                .render_now(eng, store, &augmenter.config, &groups, all.dev_mut())?;
         let parts = ranges
             .into_iter()
             .map(|range| -> Result<_> {
                 let mut part = eng.zeros(range.len())?;
-                gpu.copy(all.dev().slice(range), part.dev_mut())?;
+                eng.copy(all.dev().slice(range), part.dev_mut())?;
                 Ok(part)
             })
             .collect::<Result<Vec<_>>>()?;

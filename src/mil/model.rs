@@ -12,7 +12,7 @@ use std::ops::Range;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::cpu::matmul::{Mat, gemm};
+use crate::matmul::{Mat, gemm};
 
 /// Sizes of the MIL head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

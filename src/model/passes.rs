@@ -5,7 +5,10 @@
 use anyhow::{Result, ensure};
 
 use super::network::{BnParams, ConvParams, LinearParams, Network};
-use crate::engine::{AvgPool, BatchNorm, Conv2d, Engine, Linear, MaxPool};
+use crate::engine::{
+    AvgPool, BatchNorm, BnEvalForward, BnTrainBackward, BnTrainForward, Conv2d, ConvBackward,
+    Engine, Linear, LinearBackward, LinearForward, MaxPool,
+};
 
 /// PyTorch's BatchNorm2d defaults.
 pub const BN_EPS: f32 = 1e-5;
@@ -96,25 +99,30 @@ impl Network {
         let mut out = eng.zeros(bs.len())?;
         let affine = eng.view(params, bn.affine.clone());
         let residual = residual.map(|r| eng.all(r));
+        let (x, y) = (eng.all(&conv_out), eng.all_mut(&mut out));
         match norm {
             Norm::Train(running) => eng.batchnorm_train_forward(
                 &bs,
-                eng.all(&conv_out),
-                affine,
-                residual,
-                relu,
-                eng.all_mut(&mut out),
-                eng.all_mut(&mut saved),
-                eng.view_mut(running, bn.running.clone()),
+                BnTrainForward {
+                    x,
+                    affine,
+                    residual,
+                    relu,
+                    y,
+                    saved: eng.all_mut(&mut saved),
+                    running: eng.view_mut(running, bn.running.clone()),
+                },
             )?,
             Norm::Eval(running) => eng.batchnorm_eval_forward(
                 &bs,
-                eng.all(&conv_out),
-                affine,
-                eng.view(running, bn.running.clone()),
-                residual,
-                relu,
-                eng.all_mut(&mut out),
+                BnEvalForward {
+                    x,
+                    affine,
+                    running: eng.view(running, bn.running.clone()),
+                    residual,
+                    relu,
+                    y,
+                },
             )?,
         }
         Ok(ConvBn {
@@ -145,21 +153,25 @@ impl Network {
         let mut dconv = eng.zeros(acts.conv.out_len())?;
         eng.batchnorm_train_backward(
             &acts.bn,
-            eng.all(&acts.conv_out),
-            eng.view(params, bn.affine.clone()),
-            eng.all(&acts.saved),
-            relu.then(|| eng.all(&acts.out)),
-            eng.all_mut(&mut dout),
-            eng.all_mut(&mut dconv),
-            eng.view_mut(grads, bn.affine.clone()),
+            BnTrainBackward {
+                x: eng.all(&acts.conv_out),
+                affine: eng.view(params, bn.affine.clone()),
+                saved: eng.all(&acts.saved),
+                relu_out: relu.then(|| eng.all(&acts.out)),
+                dy: eng.all_mut(&mut dout),
+                dx: eng.all_mut(&mut dconv),
+                daffine: eng.view_mut(grads, bn.affine.clone()),
+            },
         )?;
         eng.conv2d_backward(
             &acts.conv,
-            eng.all(x),
-            eng.view(params, conv.weight.clone()),
-            eng.all(&dconv),
-            eng.view_mut(grads, conv.weight.clone()),
-            dx.map(|dx| eng.all_mut(dx)),
+            ConvBackward {
+                x: eng.all(x),
+                w: eng.view(params, conv.weight.clone()),
+                dy: eng.all(&dconv),
+                dw: eng.view_mut(grads, conv.weight.clone()),
+                dx: dx.map(|dx| eng.all_mut(dx)),
+            },
         )?;
         Ok(dout)
     }
@@ -294,18 +306,22 @@ impl Network {
         let (fc0, fc2) = (&self.proj_hidden, &self.proj_out);
         eng.linear_forward(
             &linear_shape(fc0, batch),
-            eng.all(&features),
-            eng.view(params, fc0.weight_bias.clone()),
-            true,
-            eng.all_mut(&mut hidden),
+            LinearForward {
+                x: eng.all(&features),
+                wb: eng.view(params, fc0.weight_bias.clone()),
+                relu: true,
+                y: eng.all_mut(&mut hidden),
+            },
         )?;
         let mut z = eng.zeros(self.config.out_dim * batch)?;
         eng.linear_forward(
             &linear_shape(fc2, batch),
-            eng.all(&hidden),
-            eng.view(params, fc2.weight_bias.clone()),
-            false,
-            eng.all_mut(&mut z),
+            LinearForward {
+                x: eng.all(&hidden),
+                wb: eng.view(params, fc2.weight_bias.clone()),
+                relu: false,
+                y: eng.all_mut(&mut z),
+            },
         )?;
         Ok(Activations {
             batch,
@@ -336,22 +352,26 @@ impl Network {
         let mut dhidden = eng.zeros(dim * batch)?;
         eng.linear_backward(
             &linear_shape(fc2, batch),
-            eng.all(&acts.hidden),
-            eng.view(params, fc2.weight_bias.clone()),
-            None,
-            eng.all_mut(&mut dz),
-            eng.view_mut(grads, fc2.weight_bias.clone()),
-            Some(eng.all_mut(&mut dhidden)),
+            LinearBackward {
+                x: eng.all(&acts.hidden),
+                wb: eng.view(params, fc2.weight_bias.clone()),
+                relu_out: None,
+                dy: eng.all_mut(&mut dz),
+                dwb: eng.view_mut(grads, fc2.weight_bias.clone()),
+                dx: Some(eng.all_mut(&mut dhidden)),
+            },
         )?;
         let mut dfeatures = eng.zeros(dim * batch)?;
         eng.linear_backward(
             &linear_shape(fc0, batch),
-            eng.all(&acts.features),
-            eng.view(params, fc0.weight_bias.clone()),
-            Some(eng.all(&acts.hidden)),
-            eng.all_mut(&mut dhidden),
-            eng.view_mut(grads, fc0.weight_bias.clone()),
-            Some(eng.all_mut(&mut dfeatures)),
+            LinearBackward {
+                x: eng.all(&acts.features),
+                wb: eng.view(params, fc0.weight_bias.clone()),
+                relu_out: Some(eng.all(&acts.hidden)),
+                dy: eng.all_mut(&mut dhidden),
+                dwb: eng.view_mut(grads, fc0.weight_bias.clone()),
+                dx: Some(eng.all_mut(&mut dfeatures)),
+            },
         )?;
 
         let last = acts.blocks.last().map_or(&acts.pooled, |b| &b.second.out);

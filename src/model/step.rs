@@ -13,7 +13,7 @@ use super::network::Network;
 use super::optim::Sgd;
 use super::state::ModelState;
 use super::surgery::{Combination, Surgery};
-use crate::engine::{Engine, GradDots, ViewPair, nchw_to_cnhw};
+use crate::engine::{Engine, GradDots, LossViews, SgdBuffers, ViewPair, nchw_to_cnhw};
 
 /// The four views of one step on the host, each `[n, 3, crop, crop]` as PyTorch holds them.
 #[derive(Clone, Debug, PartialEq)]
@@ -216,11 +216,15 @@ impl<E: Engine> Trainer<E> {
         };
         let mut dz_i = eng.zeros(pair.dim * pair.n)?;
         let mut dz_j = eng.zeros(pair.dim * pair.n)?;
-        let (z_i, z_j) = (eng.all(&acts_i.z), eng.all(&acts_j.z));
-        let (dzi, dzj) = (eng.all_mut(&mut dz_i), eng.all_mut(&mut dz_j));
+        let views = LossViews {
+            z_i: eng.all(&acts_i.z),
+            z_j: eng.all(&acts_j.z),
+            dz_i: eng.all_mut(&mut dz_i),
+            dz_j: eng.all_mut(&mut dz_j),
+        };
         let loss = match task {
-            Task::Contrastive => eng.ntxent(&pair, z_i, z_j, temperature, dzi, dzj)?,
-            Task::Cohesion => eng.cohesion(&pair, z_i, z_j, temperature, dzi, dzj)?,
+            Task::Contrastive => eng.ntxent(&pair, temperature, views)?,
+            Task::Cohesion => eng.cohesion(&pair, temperature, views)?,
         };
         let grad = match task {
             Task::Contrastive => &mut self.g1,
@@ -269,16 +273,16 @@ impl<E: Engine> Trainer<E> {
         let update = cfg.sgd.update(lr, &combination);
         if let Some(out) = combined {
             let (g1, g2) = (eng.all(&self.g1), eng.all(&self.g2));
-            eng.combine_grads(g1, g2, update.alpha, update.beta, eng.all_mut(out))?;
+            let coefficients = (update.alpha, update.beta);
+            eng.combine_grads(coefficients, g1, g2, eng.all_mut(out))?;
         }
-        let (g1, g2) = (eng.all(&self.g1), eng.all(&self.g2));
-        eng.sgd_step(
-            &update,
-            g1,
-            g2,
-            eng.all_mut(&mut self.params),
-            eng.all_mut(&mut self.momentum),
-        )?;
+        let buffers = SgdBuffers {
+            g1: eng.all(&self.g1),
+            g2: eng.all(&self.g2),
+            params: eng.all_mut(&mut self.params),
+            momentum: eng.all_mut(&mut self.momentum),
+        };
+        eng.sgd_step(&update, buffers)?;
         Ok(StepReport {
             loss_contrastive,
             loss_cohesion,

@@ -142,7 +142,7 @@ impl<E: Engine> ViewSource<E> for HostViews {
 impl Run {
     /// Starts a new run in `dir` (created; must be empty or absent, apart from the staging
     /// files an interrupted start may have left).
-    /// The step's memory is checked against what `eng` has (see [`Engine::memory_available`]).
+    /// The step's memory is checked against what `eng` has (see [`crate::memory::available_for`]).
     pub fn create<E: Engine>(eng: &E, dir: &Path, config: PretrainConfig) -> Result<Self> {
         config.validate()?;
         if dir.exists() {
@@ -252,10 +252,11 @@ impl Run {
             Objective::Simclr => split.positive + split.negative,
         };
         let step_bytes = Network::new(state.config).step_memory_bytes(largest_task, config.crop);
+        let (available, kind) = memory::available_for(eng.memory()?)?;
         memory::ensure_fits(
             step_bytes,
-            eng.memory_available()?,
-            eng.memory_kind(),
+            available,
+            kind,
             &format!(
                 "a training step of {} patches ({} + {}) at crop {} with a {} network",
                 config.batch, split.positive, split.negative, config.crop, state.config

@@ -1,17 +1,11 @@
-//! Helpers shared by the integration tests (each test file uses some of them).
+//! Helpers shared by the integration tests (each test file uses some of them): running the
+//! `slam` binary, test images and stores, random inputs, the error metrics ([`metrics`]), the
+//! losses' f64 definitions ([`reference`]) and the CPU-vs-CUDA twin harness ([`twin`]).
 #![allow(dead_code)]
 
-/// Relative L2 error of `got` against `want`.
-pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "compared buffers differ in length");
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
-}
+pub mod metrics;
+pub mod reference;
+pub mod twin;
 
 /// Runs `f` on a rayon pool of `threads` threads.
 pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
@@ -129,63 +123,58 @@ pub fn has_cuda_driver() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// The GPU, or None (with the reason printed) where there is none and SLAM_REQUIRE_GPU is
-/// unset (the GPU check script sets it, so that a missing GPU fails there). Any other
-/// failure to start fails the test.
-pub fn gpu() -> Option<slam_ags::engine::cuda::Gpu> {
-    use slam_ags::engine::cuda::Gpu;
-    match Gpu::new(0) {
-        Ok(gpu) => {
+/// The CUDA engine with its products in `mode`, or None (with the reason printed) where there
+/// is no GPU and SLAM_REQUIRE_GPU is unset (the GPU check script sets it, so that a missing
+/// GPU fails there). Any other failure to start fails the test.
+pub fn cuda(
+    mode: slam_ags::engine::cuda::MatmulMode,
+) -> Option<slam_ags::engine::cuda::CudaEngine> {
+    use slam_ags::engine::cuda::CudaEngine;
+    match CudaEngine::new(0) {
+        Ok(eng) => {
             println!(
-                "GPU: {} (sm_{}{}), kernels {:?}",
-                gpu.name(),
-                gpu.compute_capability().0,
-                gpu.compute_capability().1,
-                gpu.kernel_sources()
+                "GPU: {} (sm_{}{}), kernels {:?}, {mode:?} products",
+                eng.device_name(),
+                eng.compute_capability().0,
+                eng.compute_capability().1,
+                eng.kernel_sources()
             );
-            Some(gpu)
+            eng.set_matmul_mode(mode);
+            Some(eng)
         }
         Err(err) if err.is_no_gpu() && std::env::var_os("SLAM_REQUIRE_GPU").is_none() => {
-            println!("skipped: {err}");
+            println!("skipped on the GPU: {err}");
             None
         }
         Err(err) => panic!("cannot start the GPU: {err}"),
     }
 }
 
-/// The CUDA engine in `mode` on [`gpu`]'s terms (None, with the reason printed, without a
-/// GPU).
-pub fn cuda_engine(
-    mode: slam_ags::engine::cuda::MatmulMode,
-) -> Option<slam_ags::engine::cuda::CudaEngine> {
-    let engine = slam_ags::engine::cuda::CudaEngine::from_gpu(gpu()?);
-    engine.gpu().set_matmul_mode(mode);
-    Some(engine)
+/// `len` values uniform in [lo, hi).
+pub fn uniform_in(rng: &mut rand_chacha::ChaCha8Rng, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+    use rand::Rng;
+    (0..len).map(|_| rng.random_range(lo..hi)).collect()
 }
 
 /// `len` values uniform in [-1, 1).
 pub fn uniform(rng: &mut rand_chacha::ChaCha8Rng, len: usize) -> Vec<f32> {
-    use rand::Rng;
-    (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+    uniform_in(rng, len, -1.0, 1.0)
 }
 
-/// A convolution of `batch` images of `hw`, `cin` to `cout` channels.
+/// A convolution of `batch` images of `h x w`, `cin` to `cout` channels.
 pub fn conv(
     batch: usize,
-    cin: usize,
-    cout: usize,
-    hw: (usize, usize),
-    k: usize,
-    stride: usize,
-    pad: usize,
+    (in_channels, out_channels): (usize, usize),
+    (in_h, in_w): (usize, usize),
+    (kernel, stride, pad): (usize, usize, usize),
 ) -> slam_ags::engine::Conv2d {
     slam_ags::engine::Conv2d {
         batch,
-        in_channels: cin,
-        out_channels: cout,
-        in_h: hw.0,
-        in_w: hw.1,
-        kernel: k,
+        in_channels,
+        out_channels,
+        in_h,
+        in_w,
+        kernel,
         stride,
         pad,
     }

@@ -12,7 +12,7 @@ use super::median;
 use crate::cli::args::{ArchArgs, Device, EngineArgs, GpuViewArgs, Matmul};
 use crate::data::plan::BagPlanConfig;
 use crate::data::synth::{SynthConfig, write_dataset};
-use crate::engine::Engine;
+use crate::engine::Backend;
 use crate::engine::cpu::CpuEngine;
 use crate::pretrain::{Observer, PretrainConfig, Run, StepLog};
 
@@ -127,9 +127,9 @@ pub fn run(args: &BenchE2eArgs) -> Result<()> {
         Device::Cuda => {
             let eng = args.engine.open_cuda(Matmul::Tf32)?;
             let mut run = Run::create(&eng, &run_dir, config)?;
-            eng.gpu().reset_peak_memory()?;
+            eng.reset_peak_memory()?;
             args.gpu_views.train(&eng, &mut run, &mut clock)?;
-            (eng.precision(), Some(eng.gpu().peak_memory_bytes()?))
+            (eng.precision(), Some(eng.peak_memory_bytes()?))
         }
     };
     clock.bar.finish_and_clear();

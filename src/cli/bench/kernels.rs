@@ -11,8 +11,8 @@ use super::median;
 use crate::data::augment::{AugmentConfig, ViewJob, ViewParams};
 use crate::data::rng::ViewKey;
 use crate::data::store::PatchSize;
-use crate::engine::cuda::{DevSlice, Gpu, MatmulMode, PairLoss};
-use crate::engine::{Conv2d, SgdUpdate, ViewPair};
+use crate::engine::cuda::{CudaEngine, DevSlice, MatmulMode, PairLoss};
+use crate::engine::{Conv2d, ConvOps, LossViews, SgdBuffers, SgdUpdate, UpdateOps, ViewPair};
 use crate::gpu_data::{aug_shape, view_table};
 
 #[derive(Args, Debug)]
@@ -70,7 +70,7 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         args.params > 0 && args.n > 0 && args.dim > 0 && args.views > 0 && args.conv_batch > 0,
         "--params, --n, --dim, --views and --conv-batch must be positive"
     );
-    let gpu = Gpu::new(args.gpu).context("slam bench kernels needs a CUDA GPU")?;
+    let gpu = CudaEngine::new(args.gpu).context("slam bench kernels needs a CUDA GPU")?;
     let (major, minor) = gpu.compute_capability();
     let (dmaj, dmin) = gpu.driver_version()?;
     let sources: Vec<String> = gpu
@@ -80,7 +80,7 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         .collect();
     println!(
         "bench kernels: {} (sm_{major}{minor}, {} SMs), driver CUDA {dmaj}.{dmin}; {}",
-        gpu.name(),
+        gpu.device_name(),
         gpu.sm_count(),
         sources.join(", ")
     );
@@ -151,7 +151,16 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         flops: None,
     });
     let (mut pv, mut mv) = (params.dev_mut(), momentum.dev_mut());
-    let (median_us, min_us) = time(&mut || gpu.sgd_step(&u, v1, v2, pv.reborrow(), mv.reborrow()))?;
+    let mut sgd_step = || {
+        let buffers = SgdBuffers {
+            g1: v1,
+            g2: v2,
+            params: pv.reborrow(),
+            momentum: mv.reborrow(),
+        };
+        gpu.sgd_step(&u, buffers)
+    };
+    let (median_us, min_us) = time(&mut sgd_step)?;
     rows.push(Row {
         name: "AGS + SGD fused update",
         size: size.clone(),
@@ -162,7 +171,7 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     });
     let (median_us, min_us) = time(&mut || {
         gpu.grad_dots_to(v1, v2, dots_view.reborrow())?;
-        gpu.sgd_step(&u, v1, v2, pv.reborrow(), mv.reborrow())
+        sgd_step()
     })?;
     rows.push(Row {
         name: "AGS step: grad_dots + update",
@@ -173,7 +182,7 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         flops: None,
     });
     let mut cv = combined.dev_mut();
-    let (median_us, min_us) = time(&mut || gpu.combine_grads(v1, v2, 0.9, 1.1, cv.reborrow()))?;
+    let (median_us, min_us) = time(&mut || gpu.combine_grads((0.9, 1.1), v1, v2, cv.reborrow()))?;
     rows.push(Row {
         name: "combine_grads",
         size,
@@ -207,16 +216,13 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     ];
     for (kind, name, flops) in losses {
         let (median_us, min_us) = time(&mut || {
-            gpu.pair_loss_to(
-                kind,
-                &pair,
-                zi,
-                zj,
-                0.07,
-                di.reborrow(),
-                dj.reborrow(),
-                lv.reborrow(),
-            )
+            let views = LossViews {
+                z_i: zi,
+                z_j: zj,
+                dz_i: di.reborrow(),
+                dz_j: dj.reborrow(),
+            };
+            gpu.pair_loss_to(kind, &pair, 0.07, views, lv.reborrow())
         })?;
         rows.push(Row {
             name,
@@ -268,7 +274,7 @@ type Timer<'a> = dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<(f64, f64)> + 
 /// (u8, read once) and its normalized f32 CHW out: 15 bytes per output pixel.
 fn bench_augment(
     args: &BenchKernelsArgs,
-    gpu: &Gpu,
+    gpu: &CudaEngine,
     rng: &mut ChaCha8Rng,
     time: &Timer<'_>,
 ) -> Result<Row> {
@@ -318,12 +324,12 @@ fn bench_augment(
 }
 
 /// Forward convolutions of ResNet-18 at `--conv-batch` images of `--crop` pixels (the stem,
-/// a layer1 3x3, a layer3 3x3 and a layer2 1x1 stride-2 downsample), each by im2col + cuBLAS
-/// (`Gpu::conv2d_forward`, what the engine runs) and by the implicit-GEMM kernel
-/// (`Gpu::conv2d_forward_igemm`), with exact f32 products and with TF32.
+/// a layer1 3x3, a layer3 3x3 and a layer2 1x1 stride-2 downsample), by im2col + cuBLAS (what
+/// the engine runs), with exact f32 products and with TF32. The implicit-GEMM variant times
+/// itself against these in `cargo run --release --example conv_igemm`.
 fn bench_conv(
     args: &BenchKernelsArgs,
-    gpu: &Gpu,
+    gpu: &CudaEngine,
     rng: &mut ChaCha8Rng,
     time: &Timer<'_>,
 ) -> Result<Vec<Row>> {
@@ -344,11 +350,9 @@ fn bench_conv(
         ("layer3", conv(256, 256, crop / 16, 3, 1, 1)),
         ("down2", conv(64, 128, crop / 4, 1, 2, 0)),
     ];
-    let versions: [(&'static str, MatmulMode, bool); 4] = [
-        ("conv fwd im2col+cuBLAS (exact)", MatmulMode::Exact, false),
-        ("conv fwd implicit GEMM (exact)", MatmulMode::Exact, true),
-        ("conv fwd im2col+cuBLAS (tf32)", MatmulMode::Tf32, false),
-        ("conv fwd implicit GEMM (tf32)", MatmulMode::Tf32, true),
+    let versions = [
+        ("conv fwd im2col+cuBLAS (exact)", MatmulMode::Exact),
+        ("conv fwd im2col+cuBLAS (tf32)", MatmulMode::Tf32),
     ];
     let mode = gpu.matmul_mode();
     let mut rows = Vec::new();
@@ -357,15 +361,9 @@ fn bench_conv(
         let w = gpu.upload(&random(rng, s.weight_len()))?;
         let mut y: CudaSlice<f32> = gpu.zeros(s.out_len())?;
         let (xv, wv, mut yv) = (x.dev(), w.dev(), y.dev_mut());
-        for (name, matmul, igemm) in versions {
+        for (name, matmul) in versions {
             gpu.set_matmul_mode(matmul);
-            let (median_us, min_us) = time(&mut || {
-                if igemm {
-                    gpu.conv2d_forward_igemm(&s, xv, wv, yv.reborrow())
-                } else {
-                    gpu.conv2d_forward(&s, xv, wv, yv.reborrow())
-                }
-            })?;
+            let (median_us, min_us) = time(&mut || gpu.conv2d_forward(&s, xv, wv, yv.reborrow()))?;
             rows.push(Row {
                 name,
                 size: format!(

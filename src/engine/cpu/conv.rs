@@ -7,9 +7,24 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{Mat, gemm};
+use super::CpuEngine;
 use super::scratch::with_scratch;
-use crate::engine::Conv2d;
+use crate::engine::{Conv2d, ConvBackward, ConvOps, Result};
+use crate::matmul::{Mat, gemm};
+
+impl ConvOps for CpuEngine {
+    fn conv2d_forward(&self, s: &Conv2d, x: &[f32], w: &[f32], y: &mut [f32]) -> Result<()> {
+        s.check_forward(x.len(), w.len(), y.len())?;
+        forward(s, x, w, y);
+        Ok(())
+    }
+
+    fn conv2d_backward(&self, s: &Conv2d, a: ConvBackward<'_, Self>) -> Result<()> {
+        a.check(s)?;
+        backward(s, a.x, a.w, a.dy, a.dw, a.dx);
+        Ok(())
+    }
+}
 
 /// Upper bound on the unfolded matrix of one chunk (f32 values): keeps it near the caches
 /// without making the products skinny.
@@ -120,7 +135,7 @@ fn valid_outputs(
     (lo.min(hi), hi)
 }
 
-pub fn forward(s: &Conv2d, x: &[f32], w: &[f32], y: &mut [f32]) {
+fn forward(s: &Conv2d, x: &[f32], w: &[f32], y: &mut [f32]) {
     let k_len = s.in_channels * s.kernel * s.kernel;
     let p_out = s.out_h() * s.out_w();
     let w_mat = Mat::rows(w, s.out_channels, k_len);
@@ -146,7 +161,7 @@ pub fn forward(s: &Conv2d, x: &[f32], w: &[f32], y: &mut [f32]) {
     });
 }
 
-pub fn backward(
+fn backward(
     s: &Conv2d,
     x: &[f32],
     w: &[f32],

@@ -2,10 +2,26 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{Mat, gemm};
-use crate::engine::Linear;
+use super::CpuEngine;
+use crate::engine::{Linear, LinearBackward, LinearForward, LinearOps, Result};
+use crate::matmul::{Mat, gemm};
 
-pub fn forward(s: &Linear, x: &[f32], wb: &[f32], relu: bool, y: &mut [f32]) {
+impl LinearOps for CpuEngine {
+    fn linear_forward(&self, s: &Linear, a: LinearForward<'_, Self>) -> Result<()> {
+        a.check(s)?;
+        forward(s, a);
+        Ok(())
+    }
+
+    fn linear_backward(&self, s: &Linear, a: LinearBackward<'_, Self>) -> Result<()> {
+        a.check(s)?;
+        backward(s, a);
+        Ok(())
+    }
+}
+
+fn forward(s: &Linear, a: LinearForward<'_, CpuEngine>) {
+    let LinearForward { x, wb, relu, y } = a;
     let (w, b) = wb.split_at(s.out_features * s.in_features);
     let w = Mat::rows(w, s.out_features, s.in_features);
     gemm(y, s.batch, false, w, Mat::rows(x, s.in_features, s.batch));
@@ -21,15 +37,15 @@ pub fn forward(s: &Linear, x: &[f32], wb: &[f32], relu: bool, y: &mut [f32]) {
         });
 }
 
-pub fn backward(
-    s: &Linear,
-    x: &[f32],
-    wb: &[f32],
-    relu_out: Option<&[f32]>,
-    dy: &mut [f32],
-    dwb: &mut [f32],
-    dx: Option<&mut [f32]>,
-) {
+fn backward(s: &Linear, a: LinearBackward<'_, CpuEngine>) {
+    let LinearBackward {
+        x,
+        wb,
+        relu_out,
+        dy,
+        dwb,
+        dx,
+    } = a;
     if let Some(y) = relu_out {
         dy.par_iter_mut().zip(y.par_iter()).for_each(|(g, &y)| {
             if y <= 0.0 {

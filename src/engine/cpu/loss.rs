@@ -1,7 +1,20 @@
 //! The two task losses on feature-major embeddings, with their gradients.
 
-use super::matmul::{Mat, gemm};
-use crate::engine::ViewPair;
+use super::CpuEngine;
+use crate::engine::{LossOps, LossViews, Result, ViewPair};
+use crate::matmul::{Mat, gemm};
+
+impl LossOps for CpuEngine {
+    fn ntxent(&self, s: &ViewPair, temperature: f32, a: LossViews<'_, Self>) -> Result<f32> {
+        a.check(s, temperature)?;
+        Ok(ntxent(s, temperature, a))
+    }
+
+    fn cohesion(&self, s: &ViewPair, temperature: f32, a: LossViews<'_, Self>) -> Result<f32> {
+        a.check(s, temperature)?;
+        Ok(cohesion(s, temperature, a))
+    }
+}
 
 /// `F.normalize`'s floor on the norm.
 const NORM_EPS: f64 = 1e-12;
@@ -62,16 +75,14 @@ fn normalize_backward(
     }
 }
 
-/// NT-Xent. With `S = F F^T / T` and anchors `a` paired with `p(a) = a +- n`, the gradient
-/// is `dS[a, b] = (softmax_{b != a} S[a, .] - [b == p(a)]) / 2n` and `dF = (dS + dS^T) F / T`.
-pub fn ntxent(
-    s: &ViewPair,
-    z_i: &[f32],
-    z_j: &[f32],
-    t: f32,
-    dz_i: &mut [f32],
-    dz_j: &mut [f32],
-) -> f32 {
+/// NT-Xent (see [`LossOps::ntxent`] for the formulas); anchors `a` pair with `p(a) = a +- n`.
+fn ntxent(s: &ViewPair, t: f32, a: LossViews<'_, CpuEngine>) -> f32 {
+    let LossViews {
+        z_i,
+        z_j,
+        dz_i,
+        dz_j,
+    } = a;
     let (n, d) = (s.n, s.dim);
     let m = 2 * n;
     let (f, norms) = normalized_rows(s, z_i, z_j);
@@ -116,17 +127,14 @@ pub fn ntxent(
     (loss / m as f64) as f32
 }
 
-/// Cohesion: with `s = sum_a f_a` over `m = 2n` rows,
-/// `loss = (1 - (|s|^2 - sum_a |f_a|^2) / (m (m-1))) / T` and
-/// `df_a = -2 (s - f_a) / (m (m-1) T)`.
-pub fn cohesion(
-    s: &ViewPair,
-    z_i: &[f32],
-    z_j: &[f32],
-    t: f32,
-    dz_i: &mut [f32],
-    dz_j: &mut [f32],
-) -> f32 {
+/// Cohesion (see [`LossOps::cohesion`] for the formulas), linear in the rows.
+fn cohesion(s: &ViewPair, t: f32, a: LossViews<'_, CpuEngine>) -> f32 {
+    let LossViews {
+        z_i,
+        z_j,
+        dz_i,
+        dz_j,
+    } = a;
     let (n, d) = (s.n, s.dim);
     let m = 2 * n;
     let (f, norms) = normalized_rows(s, z_i, z_j);

@@ -3,8 +3,9 @@
 
 use rayon::prelude::*;
 
+use super::CpuEngine;
 use super::reduce::sum_pairs;
-use crate::engine::BatchNorm;
+use crate::engine::{BatchNorm, BnEvalForward, BnTrainBackward, BnTrainForward, NormOps, Result};
 
 /// `y = act(a x + b [+ r])` over one channel row: the affine form of a normalization.
 fn affine_act(x: &[f32], a: f32, b: f32, residual: Option<&[f32]>, relu: bool, y: &mut [f32]) {
@@ -33,17 +34,36 @@ fn moments(x: &[f32]) -> (f64, f64) {
     (mean, squares / n)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn train_forward(
-    s: &BatchNorm,
-    x: &[f32],
-    affine: &[f32],
-    residual: Option<&[f32]>,
-    relu: bool,
-    y: &mut [f32],
-    saved: &mut [f32],
-    running: &mut [f32],
-) {
+impl NormOps for CpuEngine {
+    fn batchnorm_train_forward(&self, s: &BatchNorm, a: BnTrainForward<'_, Self>) -> Result<()> {
+        a.check(s)?;
+        train_forward(s, a);
+        Ok(())
+    }
+
+    fn batchnorm_eval_forward(&self, s: &BatchNorm, a: BnEvalForward<'_, Self>) -> Result<()> {
+        a.check(s)?;
+        eval_forward(s, a);
+        Ok(())
+    }
+
+    fn batchnorm_train_backward(&self, s: &BatchNorm, a: BnTrainBackward<'_, Self>) -> Result<()> {
+        a.check(s)?;
+        train_backward(s, a);
+        Ok(())
+    }
+}
+
+fn train_forward(s: &BatchNorm, a: BnTrainForward<'_, CpuEngine>) {
+    let BnTrainForward {
+        x,
+        affine,
+        residual,
+        relu,
+        y,
+        saved,
+        running,
+    } = a;
     let (c, m) = (s.channels, s.per_channel);
     let (gamma, beta) = affine.split_at(c);
     let stats: Vec<(f64, f64)> = x.par_chunks(m).map(moments).collect();
@@ -65,16 +85,15 @@ pub fn train_forward(
     });
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn eval_forward(
-    s: &BatchNorm,
-    x: &[f32],
-    affine: &[f32],
-    running: &[f32],
-    residual: Option<&[f32]>,
-    relu: bool,
-    y: &mut [f32],
-) {
+fn eval_forward(s: &BatchNorm, a: BnEvalForward<'_, CpuEngine>) {
+    let BnEvalForward {
+        x,
+        affine,
+        running,
+        residual,
+        relu,
+        y,
+    } = a;
     let (c, m) = (s.channels, s.per_channel);
     let (gamma, beta) = affine.split_at(c);
     let (mean, var) = running.split_at(c);
@@ -86,17 +105,16 @@ pub fn eval_forward(
     });
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn train_backward(
-    s: &BatchNorm,
-    x: &[f32],
-    affine: &[f32],
-    saved: &[f32],
-    relu_out: Option<&[f32]>,
-    dy: &mut [f32],
-    dx: &mut [f32],
-    daffine: &mut [f32],
-) {
+fn train_backward(s: &BatchNorm, a: BnTrainBackward<'_, CpuEngine>) {
+    let BnTrainBackward {
+        x,
+        affine,
+        saved,
+        relu_out,
+        dy,
+        dx,
+        daffine,
+    } = a;
     let (c, m) = (s.channels, s.per_channel);
     let gamma = &affine[..c];
     let (mean, invstd) = saved.split_at(c);

@@ -2,7 +2,52 @@
 
 use rayon::prelude::*;
 
-use crate::engine::{AvgPool, MaxPool};
+use super::CpuEngine;
+use crate::engine::{AvgPool, MaxPool, PoolOps, Result};
+
+impl PoolOps for CpuEngine {
+    fn maxpool_forward(&self, s: &MaxPool, x: &[f32], y: &mut [f32]) -> Result<()> {
+        s.check_forward(x.len(), y.len())?;
+        let (in_plane, out_plane) = (s.in_h * s.in_w, s.out_h() * s.out_w());
+        y.par_chunks_mut(out_plane).enumerate().for_each(|(p, y)| {
+            let plane = &x[p * in_plane..][..in_plane];
+            for_each_argmax(s, plane, |o, i| y[o] = plane[i]);
+        });
+        Ok(())
+    }
+
+    fn maxpool_backward(&self, s: &MaxPool, x: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+        s.check_backward(x.len(), dy.len(), dx.len())?;
+        let (in_plane, out_plane) = (s.in_h * s.in_w, s.out_h() * s.out_w());
+        dx.par_chunks_mut(in_plane).enumerate().for_each(|(p, dx)| {
+            let dy = &dy[p * out_plane..][..out_plane];
+            dx.fill(0.0);
+            for_each_argmax(s, &x[p * in_plane..][..in_plane], |o, i| dx[i] += dy[o]);
+        });
+        Ok(())
+    }
+
+    fn avgpool_forward(&self, s: &AvgPool, x: &[f32], y: &mut [f32]) -> Result<()> {
+        s.check_forward(x.len(), y.len())?;
+        y.par_iter_mut().enumerate().for_each(|(p, y)| {
+            let sum: f64 = x[p * s.spatial..][..s.spatial]
+                .iter()
+                .map(|&v| v as f64)
+                .sum();
+            *y = (sum / s.spatial as f64) as f32;
+        });
+        Ok(())
+    }
+
+    fn avgpool_backward(&self, s: &AvgPool, dy: &[f32], dx: &mut [f32]) -> Result<()> {
+        s.check_backward(dy.len(), dx.len())?;
+        let inv = 1.0 / s.spatial as f32;
+        dx.par_chunks_mut(s.spatial)
+            .zip(dy.par_iter())
+            .for_each(|(dx, &g)| dx.fill(g * inv));
+        Ok(())
+    }
+}
 
 /// The in-image span `lo..hi` of each output's window along one axis (padding never counts).
 fn window_spans(size: usize, out: usize, s: &MaxPool) -> Vec<(usize, usize)> {
@@ -39,38 +84,4 @@ fn for_each_argmax(s: &MaxPool, plane: &[f32], mut f: impl FnMut(usize, usize)) 
             f(oy * cols.len() + ox, best);
         }
     }
-}
-
-pub fn max_forward(s: &MaxPool, x: &[f32], y: &mut [f32]) {
-    let (in_plane, out_plane) = (s.in_h * s.in_w, s.out_h() * s.out_w());
-    y.par_chunks_mut(out_plane).enumerate().for_each(|(p, y)| {
-        let plane = &x[p * in_plane..][..in_plane];
-        for_each_argmax(s, plane, |o, i| y[o] = plane[i]);
-    });
-}
-
-pub fn max_backward(s: &MaxPool, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-    let (in_plane, out_plane) = (s.in_h * s.in_w, s.out_h() * s.out_w());
-    dx.par_chunks_mut(in_plane).enumerate().for_each(|(p, dx)| {
-        let dy = &dy[p * out_plane..][..out_plane];
-        dx.fill(0.0);
-        for_each_argmax(s, &x[p * in_plane..][..in_plane], |o, i| dx[i] += dy[o]);
-    });
-}
-
-pub fn avg_forward(s: &AvgPool, x: &[f32], y: &mut [f32]) {
-    y.par_iter_mut().enumerate().for_each(|(p, y)| {
-        let sum: f64 = x[p * s.spatial..][..s.spatial]
-            .iter()
-            .map(|&v| v as f64)
-            .sum();
-        *y = (sum / s.spatial as f64) as f32;
-    });
-}
-
-pub fn avg_backward(s: &AvgPool, dy: &[f32], dx: &mut [f32]) {
-    let inv = 1.0 / s.spatial as f32;
-    dx.par_chunks_mut(s.spatial)
-        .zip(dy.par_iter())
-        .for_each(|(dx, &g)| dx.fill(g * inv));
 }

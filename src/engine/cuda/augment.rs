@@ -8,20 +8,18 @@
 //! the CPU augmentation's `ViewParams`, so the GPU renders exactly the CPU's views). Every
 //! field is validated here on the host before the launch: the kernel trusts its table.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use anyhow::{Result, ensure};
-use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::gpu::{Gpu, GpuError, load_function};
+use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule};
 use super::view::{DevSlice, DevView, DevViewMut};
 
 /// `AUG_BLOCK` of kernels/augment.cu: threads per view.
 pub const AUGMENT_BLOCK: u32 = 256;
 
-/// One view for [`Gpu::augment`]; `struct AugView` of kernels/augment.cu (48 bytes).
+/// One view for [`CudaEngine::augment`]; `struct AugView` of kernels/augment.cu (48 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AugView {
@@ -98,16 +96,18 @@ pub(super) struct AugmentKernels {
     table: Mutex<Option<CudaSlice<AugView>>>,
 }
 
-impl AugmentKernels {
-    pub(super) fn load(m: &Arc<CudaModule>) -> Result<Self, GpuError> {
+impl KernelSet for AugmentKernels {
+    const FILE: &'static str = "augment";
+
+    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
         Ok(Self {
-            views: load_function(m, "augment_views")?,
+            views: m.function("augment_views")?,
             table: Mutex::new(None),
         })
     }
 }
 
-/// Checks a launch of [`Gpu::augment`] on the host: the shape, that the pixels are whole
+/// Checks a launch of [`CudaEngine::augment`] on the host: the shape, that the pixels are whole
 /// patches, and every view (patch in range, crop window inside the patch, flags, op order a
 /// permutation, factors in torchvision's ranges, output slot inside `out_len` floats). The
 /// kernel trusts all of it. Views that write the same output slot are not detected (the result
@@ -210,7 +210,7 @@ pub fn check_augment(
     Ok(())
 }
 
-impl Gpu {
+impl CudaEngine {
     /// Renders `views` from `pixels` (u8 HWC RGB patches of `shape`) into `out` in one launch
     /// (queued on the stream): each view lands in its slot of its `[3, N, crop, crop]` batch.
     /// Bit-identical to the CPU augmentation for the same parameters. The view table is copied

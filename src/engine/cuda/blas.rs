@@ -6,7 +6,7 @@ use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::gpu::Gpu;
+use super::runtime::CudaEngine;
 use super::view::DevSlice;
 
 /// How the f32 products of the network's layers use the tensor cores. The inputs, outputs
@@ -76,7 +76,7 @@ fn dim(what: &str, v: usize) -> Result<i32> {
     Ok(v as i32)
 }
 
-impl Gpu {
+impl CudaEngine {
     /// The device's matrix rate in the current [`MatmulMode`]: FLOP/s of a square 8192
     /// product (the best of five, after two warm-up runs). The ceiling the training step's
     /// FLOP/s is compared with.

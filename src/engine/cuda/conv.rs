@@ -12,13 +12,12 @@
 
 use anyhow::{Result, ensure};
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
-use std::sync::Arc;
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::blas::Operand;
-use super::gpu::{Gpu, GpuError, load_function};
+use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule};
 use super::view::{DevSlice, DevView, DevViewMut};
-use crate::engine::Conv2d;
+use crate::engine::{Conv2d, ConvBackward, ConvOps};
 
 /// `CONV_BLOCK` of kernels/conv.cu.
 pub const CONV_BLOCK: u32 = 256;
@@ -33,11 +32,13 @@ pub(super) struct ConvKernels {
     col2im: CudaFunction,
 }
 
-impl ConvKernels {
-    pub fn load(m: &Arc<CudaModule>) -> Result<Self, GpuError> {
+impl KernelSet for ConvKernels {
+    const FILE: &'static str = "conv";
+
+    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
         Ok(Self {
-            im2col: load_function(m, "conv_im2col")?,
-            col2im: load_function(m, "conv_col2im")?,
+            im2col: m.function("conv_im2col")?,
+            col2im: m.function("conv_col2im")?,
         })
     }
 }
@@ -118,9 +119,8 @@ fn at(ptr: &CUdeviceptr, values: usize) -> CUdeviceptr {
     ptr + 4 * values as CUdeviceptr
 }
 
-impl Gpu {
-    /// `y = conv(x, w)`; `y` is written.
-    pub fn conv2d_forward(
+impl ConvOps for CudaEngine {
+    fn conv2d_forward(
         &self,
         s: &Conv2d,
         x: DevView<'_>,
@@ -166,18 +166,9 @@ impl Gpu {
         Ok(())
     }
 
-    /// `dw += dL/dw`, and `dx += dL/dx` when `dx` is given.
-    pub fn conv2d_backward(
-        &self,
-        s: &Conv2d,
-        x: DevView<'_>,
-        w: DevView<'_>,
-        dy: DevView<'_>,
-        dw: DevViewMut<'_>,
-        dx: Option<DevViewMut<'_>>,
-    ) -> Result<()> {
-        let dx_len = dx.as_ref().map(DevViewMut::len);
-        s.check_backward(x.len(), w.len(), dy.len(), dw.len(), dx_len)?;
+    fn conv2d_backward(&self, s: &Conv2d, a: ConvBackward<'_, Self>) -> Result<()> {
+        a.check(s)?;
+        let ConvBackward { x, w, dy, dw, dx } = a;
         let shape = conv_shape(s)?;
         let (k, cout) = (s.in_channels * s.kernel * s.kernel, s.out_channels);
         let plane = s.out_h() * s.out_w();
@@ -247,7 +238,9 @@ impl Gpu {
         }
         Ok(())
     }
+}
 
+impl CudaEngine {
     fn im2col(
         &self,
         shape: &ConvShape,

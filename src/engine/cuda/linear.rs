@@ -3,15 +3,12 @@
 //! CPU twin is src/engine/cpu/linear.rs. Column-major, the row-major `[out, N]` output is
 //! `Y^T[N, out] = X^T[N, in] W^T[in, out]`.
 
-use std::sync::Arc;
-
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::blas::Operand;
-use super::gpu::{Gpu, GpuError, load_function};
-use super::view::{DevView, DevViewMut};
-use crate::engine::Linear;
+use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule};
+use crate::engine::{Linear, LinearBackward, LinearForward, LinearOps};
 
 /// `LINEAR_BLOCK` of kernels/linear.cu.
 pub const LINEAR_BLOCK: u32 = 256;
@@ -23,12 +20,14 @@ pub(super) struct LinearKernels {
     bias_grad: CudaFunction,
 }
 
-impl LinearKernels {
-    pub fn load(m: &Arc<CudaModule>) -> Result<Self, GpuError> {
+impl KernelSet for LinearKernels {
+    const FILE: &'static str = "linear";
+
+    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
         Ok(Self {
-            bias_act: load_function(m, "linear_bias_act")?,
-            relu_mask: load_function(m, "relu_mask")?,
-            bias_grad: load_function(m, "linear_bias_grad")?,
+            bias_act: m.function("linear_bias_act")?,
+            relu_mask: m.function("relu_mask")?,
+            bias_grad: m.function("linear_bias_grad")?,
         })
     }
 }
@@ -54,17 +53,10 @@ fn check_linear(s: &Linear) -> Result<(u32, u32)> {
     Ok((s.out_features as u32, s.batch as u32))
 }
 
-impl Gpu {
-    /// `y = act(W x + b)` with `wb = [W; b]`. Writes `y`.
-    pub fn linear_forward(
-        &self,
-        s: &Linear,
-        x: DevView<'_>,
-        wb: DevView<'_>,
-        relu: bool,
-        y: DevViewMut<'_>,
-    ) -> Result<()> {
-        s.check_forward(x.len(), wb.len(), y.len())?;
+impl LinearOps for CudaEngine {
+    fn linear_forward(&self, s: &Linear, a: LinearForward<'_, Self>) -> Result<()> {
+        a.check(s)?;
+        let LinearForward { x, wb, relu, y } = a;
         let (rows, cols) = check_linear(s)?;
         let (n, din, dout) = (s.batch, s.in_features, s.out_features);
         let bias = wb.slice(dout * din..s.param_len());
@@ -90,23 +82,17 @@ impl Gpu {
         Ok(())
     }
 
-    /// Backward of [`Gpu::linear_forward`]: with `relu_out = Some(y)`, first
-    /// `dy <- dy [y > 0]` in place; then `dW += dy x^T`, `db += sum_n dy`, and
-    /// `dx += W^T dy` when `dx` is given.
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_backward(
-        &self,
-        s: &Linear,
-        x: DevView<'_>,
-        wb: DevView<'_>,
-        relu_out: Option<DevView<'_>>,
-        dy: DevViewMut<'_>,
-        dwb: DevViewMut<'_>,
-        dx: Option<DevViewMut<'_>>,
-    ) -> Result<()> {
+    fn linear_backward(&self, s: &Linear, a: LinearBackward<'_, Self>) -> Result<()> {
+        a.check(s)?;
+        let LinearBackward {
+            x,
+            wb,
+            relu_out,
+            dy,
+            dwb,
+            dx,
+        } = a;
         let out_len = s.out_features * s.batch;
-        let (y_len, dx_len) = (relu_out.map(|y| y.len()), dx.as_ref().map(DevViewMut::len));
-        s.check_backward(x.len(), wb.len(), y_len, dy.len(), dwb.len(), dx_len)?;
         let (rows, cols) = check_linear(s)?;
         let (n, din, dout) = (s.batch, s.in_features, s.out_features);
         let dw = *dwb.ptr();

@@ -1,20 +1,61 @@
-//! The two task losses on the GPU (kernels/loss.cu, with cuBLAS for NT-Xent's two products).
-//! Same meaning as the [`crate::engine::Engine`] methods of the same names: feature-major
-//! `[dim, n]` views in, the loss out, `dz_i`, `dz_j` written.
+//! The two task losses on the GPU (kernels/loss.cu, with cuBLAS for NT-Xent's two products);
+//! the CPU twin is src/engine/cpu/loss.rs. Feature-major `[dim, n]` views in, the loss out,
+//! `dz_i`, `dz_j` written.
+
+use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Result, ensure};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
+use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule, driver};
 use super::view::{DevSlice, DevView, DevViewMut};
+use crate::engine::{LossOps, LossViews, ViewPair, check_len};
 
-use super::gpu::{Gpu, LOSS_BLOCK, LOSS_COLS};
-use crate::engine::ViewPair;
-use crate::engine::check_len;
+/// `LOSS_BLOCK` of kernels/loss.cu.
+pub const LOSS_BLOCK: u32 = 256;
+/// `LOSS_COLS` of kernels/loss.cu: samples per block of its column kernels.
+pub const LOSS_COLS: u32 = 8;
+
+/// The functions of kernels/loss.cu and their device scratch.
+pub(super) struct LossKernels {
+    normalize: CudaFunction,
+    ntxent_softmax: CudaFunction,
+    ntxent_backward: CudaFunction,
+    cohesion_rowsum: CudaFunction,
+    cohesion_backward: CudaFunction,
+    scratch: Mutex<Scratch>,
+}
+
+/// The loss value (one float the host reads back) and the intermediates, allocated for the
+/// last batch shape.
+struct Scratch {
+    loss: CudaSlice<f32>,
+    shaped: Option<LossScratch>,
+}
+
+impl KernelSet for LossKernels {
+    const FILE: &'static str = "loss";
+
+    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
+        let loss = m
+            .stream()
+            .alloc_zeros(1)
+            .map_err(driver("allocating the loss scratch"))?;
+        Ok(Self {
+            normalize: m.function("loss_normalize")?,
+            ntxent_softmax: m.function("ntxent_softmax")?,
+            ntxent_backward: m.function("ntxent_backward")?,
+            cohesion_rowsum: m.function("cohesion_rowsum")?,
+            cohesion_backward: m.function("cohesion_backward")?,
+            scratch: Mutex::new(Scratch { loss, shaped: None }),
+        })
+    }
+}
 
 /// Intermediates of both losses for one batch shape (see kernels/loss.cu for the layouts).
-pub(super) struct LossScratch {
+struct LossScratch {
     pair: ViewPair,
     /// Normalized rows, feature-major `[dim, m]` (the column-major `m x dim` matrix F).
     f: CudaSlice<f32>,
@@ -59,16 +100,10 @@ fn blocks(grid: usize) -> LaunchConfig {
     }
 }
 
-/// Checks the shapes as the CPU engine does, and that they fit the kernels' 32-bit indices
+/// Checks the buffers as the CPU engine does, and that they fit the kernels' 32-bit indices
 /// and cuBLAS's int dimensions. Returns `(n, dim)` as u32.
-fn check_pair(
-    s: &ViewPair,
-    z_i: DevView<'_>,
-    z_j: DevView<'_>,
-    dz_i: &DevViewMut<'_>,
-    dz_j: &DevViewMut<'_>,
-) -> Result<(u32, u32)> {
-    s.check([z_i.len(), z_j.len(), dz_i.len(), dz_j.len()])?;
+fn check_pair(s: &ViewPair, t: f32, a: &LossViews<'_, CudaEngine>) -> Result<(u32, u32)> {
+    a.check(s, t)?;
     ensure!(
         2 * s.n <= i32::MAX as usize && s.dim <= i32::MAX as usize,
         "loss batch too large for the CUDA kernels: n = {}, dim = {}",
@@ -88,82 +123,71 @@ pub enum PairLoss {
     Cohesion,
 }
 
-impl Gpu {
+impl LossOps for CudaEngine {
+    fn ntxent(&self, s: &ViewPair, temperature: f32, a: LossViews<'_, Self>) -> Result<f32> {
+        self.pair_loss(PairLoss::NtXent, s, temperature, a)
+    }
+
+    fn cohesion(&self, s: &ViewPair, temperature: f32, a: LossViews<'_, Self>) -> Result<f32> {
+        self.pair_loss(PairLoss::Cohesion, s, temperature, a)
+    }
+}
+
+impl CudaEngine {
     /// `kind` over the rows `[z_i; z_j]` at temperature `t`: returns the loss (waiting for
     /// the device) and writes `dz_i`, `dz_j`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn pair_loss(
+    fn pair_loss(
         &self,
         kind: PairLoss,
         s: &ViewPair,
-        z_i: DevView<'_>,
-        z_j: DevView<'_>,
         t: f32,
-        dz_i: DevViewMut<'_>,
-        dz_j: DevViewMut<'_>,
+        a: LossViews<'_, Self>,
     ) -> Result<f32> {
-        let mut scratch = self.scratch();
-        let scratch = &mut *scratch;
-        let loss = scratch.loss.dev_mut();
-        let ws = self.loss_scratch(&mut scratch.losses, s)?;
-        self.launch_pair_loss(kind, ws, s, z_i, z_j, t, dz_i, dz_j, loss)?;
-        Ok(self.stream.clone_dtoh(&scratch.loss)?[0])
+        let mut scratch = self.loss_scratch();
+        let Scratch { loss, shaped } = &mut *scratch;
+        let ws = shaped_scratch(&self.stream, shaped, s)?;
+        self.launch_pair_loss(kind, ws, s, t, a, loss.dev_mut())?;
+        Ok(self.stream.clone_dtoh(loss)?[0])
     }
 
-    /// [`Gpu::pair_loss`] without the download: the loss is written into `loss` (1 value)
-    /// on the device, so nothing waits.
-    #[allow(clippy::too_many_arguments)]
+    /// The loss of [`LossOps::ntxent`] or [`LossOps::cohesion`] without the download: it is
+    /// written into `loss` (1 value) on the device, so nothing waits.
     pub fn pair_loss_to(
         &self,
         kind: PairLoss,
         s: &ViewPair,
-        z_i: DevView<'_>,
-        z_j: DevView<'_>,
         t: f32,
-        dz_i: DevViewMut<'_>,
-        dz_j: DevViewMut<'_>,
+        a: LossViews<'_, Self>,
         loss: DevViewMut<'_>,
     ) -> Result<()> {
-        let mut scratch = self.scratch();
-        let ws = self.loss_scratch(&mut scratch.losses, s)?;
-        self.launch_pair_loss(kind, ws, s, z_i, z_j, t, dz_i, dz_j, loss)
+        let mut scratch = self.loss_scratch();
+        let ws = shaped_scratch(&self.stream, &mut scratch.shaped, s)?;
+        self.launch_pair_loss(kind, ws, s, t, a, loss)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    fn loss_scratch(&self) -> MutexGuard<'_, Scratch> {
+        // A panic while holding it leaves only device buffers, which stay valid.
+        self.loss.scratch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn launch_pair_loss(
         &self,
         kind: PairLoss,
         ws: &mut LossScratch,
         s: &ViewPair,
-        z_i: DevView<'_>,
-        z_j: DevView<'_>,
         t: f32,
-        dz_i: DevViewMut<'_>,
-        dz_j: DevViewMut<'_>,
+        a: LossViews<'_, Self>,
         loss: DevViewMut<'_>,
     ) -> Result<()> {
-        let shape = check_pair(s, z_i, z_j, &dz_i, &dz_j)?;
+        let shape = check_pair(s, t, &a)?;
         check_len("loss", loss.len(), 1)?;
-        ensure!(t > 0.0, "temperature must be positive, got {t}");
         // Both losses start from the normalized rows f (and the norms) in the scratch.
-        self.launch_normalize(ws, shape, z_i, z_j)?;
+        self.launch_normalize(ws, shape, a.z_i, a.z_j)?;
+        let out = [a.dz_i, a.dz_j];
         match kind {
-            PairLoss::NtXent => self.launch_ntxent(ws, shape, t, dz_i, dz_j, loss),
-            PairLoss::Cohesion => self.launch_cohesion(ws, shape, t, dz_i, dz_j, loss),
+            PairLoss::NtXent => self.launch_ntxent(ws, shape, t, out, loss),
+            PairLoss::Cohesion => self.launch_cohesion(ws, shape, t, out, loss),
         }
-    }
-
-    /// The scratch for shape `s`, reallocated when the shape changes.
-    fn loss_scratch<'a>(
-        &self,
-        slot: &'a mut Option<LossScratch>,
-        s: &ViewPair,
-    ) -> Result<&'a mut LossScratch> {
-        if slot.as_ref().is_none_or(|ws| ws.pair != *s) {
-            *slot = None;
-            *slot = Some(LossScratch::new(&self.stream, *s)?);
-        }
-        Ok(slot.as_mut().expect("just set"))
     }
 
     /// `f = z / max(|z|, 1e-12)` and the norms, into the scratch.
@@ -189,14 +213,12 @@ impl Gpu {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn launch_ntxent(
         &self,
         ws: &mut LossScratch,
         (n, dim): (u32, u32),
         t: f32,
-        dz_i: DevViewMut<'_>,
-        dz_j: DevViewMut<'_>,
+        [dz_i, dz_j]: [DevViewMut<'_>; 2],
         loss: DevViewMut<'_>,
     ) -> Result<()> {
         let (m, d) = (2 * n as i32, dim as i32);
@@ -267,14 +289,12 @@ impl Gpu {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn launch_cohesion(
         &self,
         ws: &mut LossScratch,
         (n, dim): (u32, u32),
         t: f32,
-        dz_i: DevViewMut<'_>,
-        dz_j: DevViewMut<'_>,
+        [dz_i, dz_j]: [DevViewMut<'_>; 2],
         loss: DevViewMut<'_>,
     ) -> Result<()> {
         let t = t as f64;
@@ -305,4 +325,17 @@ impl Gpu {
         }
         Ok(())
     }
+}
+
+/// The scratch for shape `s`, reallocated when the shape changes.
+fn shaped_scratch<'a>(
+    stream: &std::sync::Arc<CudaStream>,
+    slot: &'a mut Option<LossScratch>,
+    s: &ViewPair,
+) -> Result<&'a mut LossScratch> {
+    if slot.as_ref().is_none_or(|ws| ws.pair != *s) {
+        *slot = None;
+        *slot = Some(LossScratch::new(stream, *s)?);
+    }
+    Ok(slot.as_mut().expect("just set"))
 }

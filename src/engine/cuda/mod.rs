@@ -9,45 +9,40 @@
 //!
 //! The kernel sources include no headers so that NVRTC compiles them as they are.
 //!
-//! [`Gpu`] opens a device and loads the kernels once; its ops ([`Gpu::pair_loss`] for
-//! `ntxent` and `cohesion`, [`Gpu::grad_dots`], [`Gpu::combine_grads`], [`Gpu::sgd_step`], the
-//! convolution, batch norm, pooling and linear ops) mean what the [`crate::engine::Engine`]
-//! methods of the same names mean, and each kernel has the CPU engine's op as its twin
-//! (`tests/cuda_kernels.rs`, `tests/cuda_layers.rs` and `tests/cuda_engine.rs` hold them
-//! against each other). [`CudaEngine`] is the [`crate::engine::Engine`] on them.
-//! [`Gpu::augment`] renders training views from u8 patches on the device (twin: the CPU
-//! augmentation's `render_batch`, held against it by `tests/cuda_augment.rs`). The CUDA
-//! libraries are loaded at run time: on a machine without them [`Gpu::new`] returns
-//! [`GpuError::NoDriver`] and nothing else touches CUDA.
+//! [`CudaEngine`] (`runtime.rs`) opens a device and loads each kernel file once, through the
+//! [`runtime::KernelSet`] of the file that launches it. Each op family is implemented in its
+//! own file, next to its kernels' launch code: `conv.rs` (kernels/conv.cu + cuBLAS),
+//! `norm.rs`, `pool.rs`, `linear.rs`, `loss.rs`, `update.rs` (kernels/ags.cu); each kernel has
+//! the CPU engine's op as its twin (`tests/cuda_*.rs` hold them against each other).
+//! [`CudaEngine::augment`] renders training views from u8 patches on the device (twin: the
+//! CPU augmentation's `render_batch`, held against it by `tests/cuda_augment.rs`). The CUDA
+//! libraries are loaded at run time: on a machine without them [`CudaEngine::new`] returns
+//! [`GpuError::NoDriver`] and nothing else touches CUDA. Kernel variants under development
+//! live in `dev/cuda`, outside the engine.
 
-mod ags;
 mod augment;
 mod blas;
 mod conv;
-mod conv_igemm;
-mod engine;
-mod gpu;
 mod linear;
 mod loss;
 mod norm;
 mod pool;
+pub(crate) mod runtime;
+mod update;
 mod view;
 
 pub use augment::{AUGMENT_BLOCK, AugShape, AugView, check_augment};
 pub use blas::MatmulMode;
 pub use conv::CONV_BLOCK;
-pub use conv_igemm::IGEMM_THREADS;
-pub use engine::CudaEngine;
-pub use gpu::{
-    AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, Gpu, GpuError, KernelSource, LOSS_BLOCK, LOSS_COLS,
-};
 pub use linear::LINEAR_BLOCK;
-pub use loss::PairLoss;
+pub use loss::{LOSS_BLOCK, LOSS_COLS, PairLoss};
 pub use norm::{NORM_BLOCK, NORM_CHUNK};
 pub use pool::POOL_BLOCK;
+pub use runtime::{CudaEngine, GpuError, KernelSource};
+pub use update::{AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK};
 pub use view::{DevSlice, DevView, DevViewMut};
 
-/// One embedded `kernels/<name>.cu`.
+/// One embedded `.cu` file.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelFile {
     /// The file stem, e.g. `ags` for `kernels/ags.cu`.
@@ -59,7 +54,7 @@ pub struct KernelFile {
     pub fatbin: Option<&'static [u8]>,
 }
 
-/// Every kernel file, sorted by name.
+/// Every kernel file of the engine (`kernels/*.cu`), sorted by name.
 pub const KERNEL_FILES: &[KernelFile] = include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 /// The kernel file `kernels/<name>.cu`, if there is one.

@@ -1,16 +1,12 @@
-//! Max pooling and global average pooling on the GPU (kernels/pool.cu). Same meaning as the
-//! [`crate::engine::Engine`] methods of the same names; every result is bit-identical to the
-//! CPU engine's.
-
-use std::sync::Arc;
+//! Max pooling and global average pooling on the GPU (kernels/pool.cu); every result is
+//! bit-identical to the CPU twin's (src/engine/cpu/pool.rs).
 
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
-use super::gpu::Gpu;
+use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule};
 use super::view::{DevView, DevViewMut};
-use crate::engine::check_len;
-use crate::engine::{AvgPool, MaxPool};
+use crate::engine::{AvgPool, MaxPool, PoolOps};
 
 /// `POOL_BLOCK` of kernels/pool.cu.
 pub const POOL_BLOCK: u32 = 256;
@@ -19,20 +15,21 @@ const MAX_BLOCKS: usize = 1 << 20;
 
 /// The functions of kernels/pool.cu.
 pub(super) struct PoolKernels {
-    pub max_forward: CudaFunction,
-    pub max_backward: CudaFunction,
-    pub avg_forward: CudaFunction,
-    pub avg_backward: CudaFunction,
+    max_forward: CudaFunction,
+    max_backward: CudaFunction,
+    avg_forward: CudaFunction,
+    avg_backward: CudaFunction,
 }
 
-impl PoolKernels {
-    pub(super) fn load(m: &Arc<CudaModule>) -> Result<Self, super::GpuError> {
-        let function = |name| super::gpu::load_function(m, name);
+impl KernelSet for PoolKernels {
+    const FILE: &'static str = "pool";
+
+    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
         Ok(PoolKernels {
-            max_forward: function("maxpool_forward")?,
-            max_backward: function("maxpool_backward")?,
-            avg_forward: function("avgpool_forward")?,
-            avg_backward: function("avgpool_backward")?,
+            max_forward: m.function("maxpool_forward")?,
+            max_backward: m.function("maxpool_backward")?,
+            avg_forward: m.function("avgpool_forward")?,
+            avg_backward: m.function("avgpool_backward")?,
         })
     }
 }
@@ -93,11 +90,10 @@ fn check_window(s: &MaxPool) -> Result<[i32; 7]> {
     .map(|v| v as i32))
 }
 
-impl Gpu {
-    /// Writes `y`, each value the maximum of its window.
-    pub fn maxpool_forward(&self, s: &MaxPool, x: DevView<'_>, y: DevViewMut<'_>) -> Result<()> {
+impl PoolOps for CudaEngine {
+    fn maxpool_forward(&self, s: &MaxPool, x: DevView<'_>, y: DevViewMut<'_>) -> Result<()> {
         let [h, w, oh, ow, k, st, p] = check_window(s)?;
-        s.check(["max pool input", "max pool output"], x.len(), y.len())?;
+        s.check_forward(x.len(), y.len())?;
         if y.is_empty() {
             return Ok(());
         }
@@ -121,9 +117,7 @@ impl Gpu {
         Ok(())
     }
 
-    /// Routes each output gradient to the first maximum of its window (PyTorch's choice on
-    /// ties), recomputed from `x`. Writes `dx`.
-    pub fn maxpool_backward(
+    fn maxpool_backward(
         &self,
         s: &MaxPool,
         x: DevView<'_>,
@@ -131,12 +125,7 @@ impl Gpu {
         dx: DevViewMut<'_>,
     ) -> Result<()> {
         let [h, w, oh, ow, k, st, p] = check_window(s)?;
-        s.check(
-            ["max pool input", "max pool output gradient"],
-            x.len(),
-            dy.len(),
-        )?;
-        check_len("max pool input gradient", dx.len(), x.len())?;
+        s.check_backward(x.len(), dy.len(), dx.len())?;
         if dx.is_empty() {
             return Ok(());
         }
@@ -161,13 +150,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// Writes `y`, the mean of each plane.
-    pub fn avgpool_forward(&self, s: &AvgPool, x: DevView<'_>, y: DevViewMut<'_>) -> Result<()> {
-        s.check(
-            ["average pool input", "average pool output"],
-            x.len(),
-            y.len(),
-        )?;
+    fn avgpool_forward(&self, s: &AvgPool, x: DevView<'_>, y: DevViewMut<'_>) -> Result<()> {
+        s.check_forward(x.len(), y.len())?;
         ensure!(s.spatial > 0, "average pool over empty planes");
         if y.is_empty() {
             return Ok(());
@@ -186,13 +170,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// `dx = dy / spatial`, broadcast over each plane. Writes `dx`.
-    pub fn avgpool_backward(&self, s: &AvgPool, dy: DevView<'_>, dx: DevViewMut<'_>) -> Result<()> {
-        let names = [
-            "average pool input gradient",
-            "average pool output gradient",
-        ];
-        s.check(names, dx.len(), dy.len())?;
+    fn avgpool_backward(&self, s: &AvgPool, dy: DevView<'_>, dx: DevViewMut<'_>) -> Result<()> {
+        s.check_backward(dy.len(), dx.len())?;
         ensure!(s.spatial > 0, "average pool over empty planes");
         if dx.is_empty() {
             return Ok(());

@@ -1,6 +1,6 @@
 //! Borrowed views of device memory: a device pointer and a length, tied to the lifetime of the
 //! buffer they borrow. Unlike cudarc's views they are `Copy` (the engine trait passes
-//! read-only views by value) and carry no event bookkeeping: the [`super::Gpu`] runs every op
+//! read-only views by value) and carry no event bookkeeping: the [`super::CudaEngine`] runs every op
 //! on one stream, in order, so there is nothing to synchronize.
 
 use std::marker::PhantomData;
@@ -8,6 +8,8 @@ use std::ops::Range;
 
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+use crate::engine::ViewLen;
 
 /// `&[T]` on the device.
 #[derive(Debug)]
@@ -104,6 +106,18 @@ impl<'a, T> DevViewMut<'a, T> {
             len: range.len(),
             borrow: PhantomData,
         }
+    }
+}
+
+impl<T> ViewLen for DevView<'_, T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T> ViewLen for DevViewMut<'_, T> {
+    fn len(&self) -> usize {
+        self.len
     }
 }
 

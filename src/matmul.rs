@@ -1,4 +1,5 @@
-//! A safe front for the `gemm` crate over strided row-major views.
+//! A safe front for the `gemm` crate over strided row-major views: the CPU engine's
+//! convolutions, linear layers and losses, and the MIL heads' f64 products.
 
 use gemm::Parallelism;
 

@@ -1,29 +1,30 @@
 //! The CUDA runtime: one device, its context, one stream, cuBLAS, and the embedded kernels
-//! loaded once.
+//! loaded once; [`CudaEngine`] is the [`Backend`] on them (the op families are implemented in
+//! their own files: `conv.rs`, `norm.rs`, `pool.rs`, `linear.rs`, `loss.rs`, `update.rs`).
 
+use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Result;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 use super::augment::AugmentKernels;
 use super::blas::MatmulMode;
 use super::conv::ConvKernels;
-use super::conv_igemm::ConvIgemmKernels;
 use super::linear::LinearKernels;
+use super::loss::LossKernels;
 use super::norm::NormKernels;
 use super::pool::PoolKernels;
-use super::view::{DevView, DevViewMut};
+use super::update::AgsKernels;
+use super::view::{DevSlice, DevView, DevViewMut};
 use super::{KernelFile, kernel_file};
-use crate::engine::check_len;
+use crate::engine::{Backend, Memory, check_len};
 
-/// Why [`Gpu::new`] failed. The first two mean "no GPU here"; the others, a broken setup.
+/// Why [`CudaEngine::new`] failed. The first two mean "no GPU here"; the others, a broken setup.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
     #[error(
@@ -57,7 +58,7 @@ impl GpuError {
     }
 }
 
-fn driver(what: impl Into<String>) -> impl FnOnce(DriverError) -> GpuError {
+pub(super) fn driver(what: impl Into<String>) -> impl FnOnce(DriverError) -> GpuError {
     move |source| GpuError::Driver {
         what: what.into(),
         source,
@@ -73,58 +74,52 @@ pub enum KernelSource {
     Nvrtc,
 }
 
-/// Grid of `ags_dots_partial`: a constant, so that the reduction's order, and therefore its
-/// result, is the same on every GPU (see kernels/ags.cu).
-pub(super) const AGS_DOTS_GRID: u32 = 1024;
-/// `AGS_DOTS_BLOCK` of kernels/ags.cu.
-pub const AGS_DOTS_BLOCK: u32 = 256;
-/// `AGS_UPDATE_BLOCK` of kernels/ags.cu.
-pub const AGS_UPDATE_BLOCK: u32 = 256;
-/// `LOSS_BLOCK` of kernels/loss.cu.
-pub const LOSS_BLOCK: u32 = 256;
-/// `LOSS_COLS` of kernels/loss.cu: samples per block of its column kernels.
-pub const LOSS_COLS: u32 = 8;
-
-/// The functions of kernels/ags.cu, and the resident grid (blocks per multiprocessor at
-/// `AGS_UPDATE_BLOCK` threads, times the multiprocessors) of each elementwise one.
-pub(super) struct AgsKernels {
-    pub dots_partial: CudaFunction,
-    pub dots_finalize: CudaFunction,
-    pub sgd_step: CudaFunction,
-    pub sgd_step_grid: u32,
-    pub combine: CudaFunction,
-    pub combine_grid: u32,
+/// The functions of one `kernels/<FILE>.cu` (and any device state they keep), loaded once
+/// when the engine starts. Every kernel file has one, next to the ops that launch it.
+pub(super) trait KernelSet: Sized {
+    /// The file stem: `norm` for `kernels/norm.cu`.
+    const FILE: &'static str;
+    fn load(module: &LoadedModule<'_>) -> Result<Self, GpuError>;
 }
 
-/// The functions of kernels/loss.cu.
-pub(super) struct LossKernels {
-    pub normalize: CudaFunction,
-    pub ntxent_softmax: CudaFunction,
-    pub ntxent_backward: CudaFunction,
-    pub cohesion_rowsum: CudaFunction,
-    pub cohesion_backward: CudaFunction,
+/// A kernel file loaded on the device, to take its functions from.
+pub(super) struct LoadedModule<'a> {
+    module: Arc<CudaModule>,
+    stream: &'a Arc<CudaStream>,
+    sm_count: u32,
 }
 
-/// Device scratch reused across calls: the AGS partial sums, the host-facing results, and the
-/// loss intermediates for the last batch shape.
-pub(super) struct Scratch {
-    /// `3 * AGS_DOTS_GRID` partial sums of `ags_dots_partial`.
-    pub partials: CudaSlice<f64>,
-    /// `{g1.g2, |g1|^2, |g2|^2}` for [`Gpu::grad_dots`].
-    pub dots: CudaSlice<f64>,
-    /// The loss for [`Gpu::ntxent`] and [`Gpu::cohesion`].
-    pub loss: CudaSlice<f32>,
-    /// The losses' intermediates, allocated for the last batch shape.
-    pub losses: Option<super::loss::LossScratch>,
+impl LoadedModule<'_> {
+    /// Function `name` of the file.
+    pub fn function(&self, name: &str) -> Result<CudaFunction, GpuError> {
+        self.module
+            .load_function(name)
+            .map_err(driver(format!("loading kernel {name}")))
+    }
+
+    /// The resident grid of `f` at `block` threads: blocks per multiprocessor times the
+    /// multiprocessors (one wave of an elementwise pass).
+    pub fn resident_grid(&self, f: &CudaFunction, block: u32) -> Result<u32, GpuError> {
+        f.occupancy_max_active_blocks_per_multiprocessor(block, 0, None)
+            .map(|blocks| blocks.max(1) * self.sm_count)
+            .map_err(driver("reading a kernel's occupancy"))
+    }
+
+    /// The engine's stream, for buffers a kernel set keeps.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
+    }
 }
 
 /// One CUDA device with its context, a stream every op is queued on (in order), a cuBLAS
-/// handle on that stream, and the embedded kernels, loaded once.
+/// handle on that stream, and the embedded kernels, loaded once: the CUDA engine.
 ///
-/// Ops take device views ([`DevView`], [`DevViewMut`]) of cudarc buffers ([`CudaSlice`]) and are
-/// asynchronous unless they return a host value. Errors of a kernel that faults show up at
-/// the next call that waits for the device (a download, [`Gpu::synchronize`]).
-pub struct Gpu {
+/// Ops take device views ([`DevView`], [`DevViewMut`]) of cudarc buffers ([`CudaSlice`]) and
+/// are asynchronous unless they return a host value, so a training step waits for the device
+/// only for the two losses and the surgery's inner products (plus the embedding spread it
+/// logs). Errors of a kernel that faults show up at the next call that waits for the device
+/// (a download, [`CudaEngine::synchronize`]).
+pub struct CudaEngine {
     ctx: Arc<CudaContext>,
     pub(super) stream: Arc<CudaStream>,
     pub(super) blas: CudaBlas,
@@ -137,19 +132,40 @@ pub struct Gpu {
     pub(super) norm: NormKernels,
     pub(super) pool: PoolKernels,
     pub(super) conv: ConvKernels,
-    pub(super) conv_igemm: ConvIgemmKernels,
     pub(super) linear: LinearKernels,
     pub(super) augment: AugmentKernels,
-    scratch: Mutex<Scratch>,
     /// The [`MatmulMode`] of the layers' products, as its index.
     matmul_mode: AtomicU8,
 }
 
-impl Gpu {
-    /// Opens CUDA device `ordinal`. Never panics: without the driver library, without a
+/// Loads kernel files for [`CudaEngine::new`], recording where each came from.
+struct Loader<'a> {
+    ctx: &'a Arc<CudaContext>,
+    stream: &'a Arc<CudaStream>,
+    compute_capability: (i32, i32),
+    sm_count: u32,
+    sources: Vec<(&'static str, KernelSource)>,
+}
+
+impl Loader<'_> {
+    fn load<K: KernelSet>(&mut self) -> Result<K, GpuError> {
+        let file = kernel_file(K::FILE).expect("build.rs embeds every kernels/*.cu");
+        let (module, source) = load_module(self.ctx, file, self.compute_capability)?;
+        self.sources.push((file.name, source));
+        K::load(&LoadedModule {
+            module,
+            stream: self.stream,
+            sm_count: self.sm_count,
+        })
+    }
+}
+
+impl CudaEngine {
+    /// Opens CUDA device `ordinal` with exact products ([`MatmulMode::Exact`]; see
+    /// [`CudaEngine::set_matmul_mode`]). Never panics: without the driver library, without a
     /// device, without cuBLAS, or when a kernel cannot be loaded, returns an error that says
     /// which.
-    pub fn new(ordinal: usize) -> Result<Gpu, GpuError> {
+    pub fn new(ordinal: usize) -> Result<CudaEngine, GpuError> {
         // SAFETY: only tries to load the library; touches no CUDA state. cudarc panics on the
         // first driver call when the library is missing, so this check comes first.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -173,58 +189,24 @@ impl Gpu {
         let sm_count = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("reading the multiprocessor count"))?;
-
-        let mut sources = Vec::new();
-        let mut module = |name: &'static str| -> Result<Arc<CudaModule>, GpuError> {
-            let file = kernel_file(name).expect("build.rs embeds every kernels/*.cu");
-            let (module, source) = load_module(&ctx, file, compute_capability)?;
-            sources.push((name, source));
-            Ok(module)
-        };
-        let function = load_function;
         let sm_count = sm_count.max(1) as u32;
-        let resident = |f: &CudaFunction| {
-            f.occupancy_max_active_blocks_per_multiprocessor(AGS_UPDATE_BLOCK, 0, None)
-                .map(|blocks| blocks.max(1) * sm_count)
-                .map_err(driver("reading a kernel's occupancy"))
-        };
-        let m = module("ags")?;
-        let (sgd_step, combine) = (function(&m, "ags_sgd_step")?, function(&m, "ags_combine")?);
-        let ags = AgsKernels {
-            dots_partial: function(&m, "ags_dots_partial")?,
-            dots_finalize: function(&m, "ags_dots_finalize")?,
-            sgd_step_grid: resident(&sgd_step)?,
-            sgd_step,
-            combine_grid: resident(&combine)?,
-            combine,
-        };
-        let m = module("loss")?;
-        let loss = LossKernels {
-            normalize: function(&m, "loss_normalize")?,
-            ntxent_softmax: function(&m, "ntxent_softmax")?,
-            ntxent_backward: function(&m, "ntxent_backward")?,
-            cohesion_rowsum: function(&m, "cohesion_rowsum")?,
-            cohesion_backward: function(&m, "cohesion_backward")?,
-        };
-        let norm = NormKernels::load(&module("norm")?)?;
-        let pool = PoolKernels::load(&module("pool")?)?;
-        let conv = ConvKernels::load(&module("conv")?)?;
-        let conv_igemm = ConvIgemmKernels::load(&module("conv_igemm")?)?;
-        let linear = LinearKernels::load(&module("linear")?)?;
         keep_freed_memory(&ctx)?;
-
-        let augment = AugmentKernels::load(&module("augment")?)?;
-
-        let alloc = "allocating scratch buffers";
-        let scratch = Scratch {
-            partials: stream
-                .alloc_zeros(3 * AGS_DOTS_GRID as usize)
-                .map_err(driver(alloc))?,
-            dots: stream.alloc_zeros(3).map_err(driver(alloc))?,
-            loss: stream.alloc_zeros(1).map_err(driver(alloc))?,
-            losses: None,
+        let mut loader = Loader {
+            ctx: &ctx,
+            stream: &stream,
+            compute_capability,
+            sm_count,
+            sources: Vec::new(),
         };
-        Ok(Gpu {
+        let (ags, loss, norm, pool) = (
+            loader.load()?,
+            loader.load()?,
+            loader.load()?,
+            loader.load()?,
+        );
+        let (conv, linear, augment) = (loader.load()?, loader.load()?, loader.load()?);
+        let sources = loader.sources;
+        Ok(CudaEngine {
             ctx,
             stream,
             blas,
@@ -237,16 +219,23 @@ impl Gpu {
             norm,
             pool,
             conv,
-            conv_igemm,
             linear,
             augment,
-            scratch: Mutex::new(scratch),
             matmul_mode: AtomicU8::new(MatmulMode::Exact as u8),
         })
     }
 
+    /// Loads a kernel file that is not one of the engine's own (a kernel variant under
+    /// development): its fatbin when it has one, else NVRTC on its source.
+    pub fn load_module(
+        &self,
+        file: &'static KernelFile,
+    ) -> Result<(Arc<CudaModule>, KernelSource), GpuError> {
+        load_module(&self.ctx, file, self.compute_capability)
+    }
+
     /// How the layers' products use the tensor cores from now on ([`MatmulMode::Exact`]
-    /// after [`Gpu::new`]).
+    /// after [`CudaEngine::new`]).
     pub fn set_matmul_mode(&self, mode: MatmulMode) {
         self.matmul_mode.store(mode as u8, Ordering::Relaxed);
     }
@@ -273,7 +262,7 @@ impl Gpu {
         Ok((free as u64, total as u64))
     }
 
-    /// Restarts [`Gpu::peak_memory_bytes`] from what is in use now.
+    /// Restarts [`CudaEngine::peak_memory_bytes`] from what is in use now.
     pub fn reset_peak_memory(&self) -> Result<()> {
         self.set_pool_attribute(
             cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
@@ -282,7 +271,7 @@ impl Gpu {
     }
 
     /// The most device memory the stream-ordered pool (every buffer the engine allocates)
-    /// has had in use since [`Gpu::new`] or [`Gpu::reset_peak_memory`].
+    /// has had in use since [`CudaEngine::new`] or [`CudaEngine::reset_peak_memory`].
     pub fn peak_memory_bytes(&self) -> Result<u64> {
         use cudarc::driver::sys;
         let mut value = 0u64;
@@ -325,7 +314,7 @@ impl Gpu {
     }
 
     /// The device's name, e.g. "NVIDIA H200".
-    pub fn name(&self) -> &str {
+    pub fn device_name(&self) -> &str {
         &self.name
     }
 
@@ -346,7 +335,7 @@ impl Gpu {
     /// The driver's CUDA version, e.g. (13, 0).
     pub fn driver_version(&self) -> Result<(i32, i32)> {
         let mut v = 0;
-        // SAFETY: writes one int; the driver library is loaded (a Gpu exists).
+        // SAFETY: writes one int; the driver library is loaded (an engine exists).
         unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }.result()?;
         Ok((v / 1000, (v % 1000) / 10))
     }
@@ -455,34 +444,64 @@ impl Gpu {
         end.record(&self.stream)?;
         Ok(start.elapsed_ms(&end)?)
     }
-
-    pub(super) fn scratch(&self) -> MutexGuard<'_, Scratch> {
-        // A panic while holding it leaves only device buffers, which stay valid.
-        self.scratch.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Blocks for an elementwise pass over `n` values: enough for one float4 per thread,
-    /// capped at the kernel's resident grid `max_blocks` (one wave; the grid-stride loop does
-    /// the rest).
-    pub(super) fn elementwise_grid(n: usize, max_blocks: u32) -> LaunchConfig {
-        let per_block = 4 * AGS_UPDATE_BLOCK as usize;
-        let blocks = n.div_ceil(per_block).clamp(1, max_blocks as usize);
-        LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (AGS_UPDATE_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
 }
 
-/// Function `name` of a loaded kernel file.
-pub(super) fn load_function(
-    module: &Arc<CudaModule>,
-    name: &str,
-) -> Result<CudaFunction, GpuError> {
-    module
-        .load_function(name)
-        .map_err(driver(format!("loading kernel {name}")))
+impl Backend for CudaEngine {
+    type Buf = CudaSlice<f32>;
+    type View<'a> = DevView<'a>;
+    type ViewMut<'a> = DevViewMut<'a>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn memory(&self) -> Result<Memory> {
+        Ok(Memory::Device {
+            free: self.memory_info()?.0,
+        })
+    }
+
+    fn precision(&self) -> &'static str {
+        match self.matmul_mode() {
+            MatmulMode::Exact => "f32",
+            MatmulMode::Tf32 => "tf32",
+            MatmulMode::Bf16 => "bf16",
+        }
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        CudaEngine::zeros(self, len)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        CudaEngine::upload(self, host)
+    }
+
+    fn download(&self, src: DevView<'_>) -> Result<Vec<f32>> {
+        CudaEngine::download(self, src)
+    }
+
+    fn buf_len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+
+    fn view<'a>(&self, buf: &'a CudaSlice<f32>, range: Range<usize>) -> DevView<'a>
+    where
+        Self: 'a,
+    {
+        buf.dev().slice(range)
+    }
+
+    fn view_mut<'a>(&self, buf: &'a mut CudaSlice<f32>, range: Range<usize>) -> DevViewMut<'a>
+    where
+        Self: 'a,
+    {
+        buf.dev_mut().slice_mut(range)
+    }
+
+    fn fill_zero(&self, dst: DevViewMut<'_>) -> Result<()> {
+        CudaEngine::fill_zero(self, dst)
+    }
 }
 
 /// Makes the device's default memory pool keep what is freed instead of returning it at each
@@ -550,14 +569,14 @@ fn load_module(
 mod tests {
     use super::*;
 
-    /// Without a GPU every entry point fails through `Gpu::new` with a clear error (and no
+    /// Without a GPU every entry point fails through `CudaEngine::new` with a clear error (and no
     /// panic); with one, a device that does not exist is reported as such.
     #[test]
     fn gpu_new_reports_a_missing_gpu_clearly() {
         // SAFETY: only tries to load the library.
         let driver_present = unsafe { cudarc::driver::sys::is_culib_present() };
-        let err = match Gpu::new(if driver_present { 1 << 20 } else { 0 }) {
-            Ok(gpu) => panic!("device 2^20 opened: {}", gpu.name()),
+        let err = match CudaEngine::new(if driver_present { 1 << 20 } else { 0 }) {
+            Ok(gpu) => panic!("device 2^20 opened: {}", gpu.device_name()),
             Err(err) => err,
         };
         assert!(err.is_no_gpu(), "{err}");
