@@ -31,7 +31,7 @@ use anyhow::{Context, Result, ensure};
 use rayon::prelude::*;
 
 use super::rng::{ViewKey, below, uniform_f32, unit_f32};
-use super::store::{MAX_PATCH_SIDE, PatchSize};
+use crate::data::store::{MAX_PATCH_SIDE, PatchSize};
 
 /// Draws a contrastive view consumes (positions 0..12 of the table above).
 pub const CONTRASTIVE_DRAWS: usize = 12;

@@ -33,7 +33,7 @@ use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
 use super::plan::{BagPlanConfig, Cell, PlannedBag, Split, plan_bags};
-use super::store::{MAX_PATCH_SIDE, PatchSize, StoreSummary, StoreWriter};
+use crate::data::store::{MAX_PATCH_SIDE, PatchSize, StoreSummary, StoreWriter};
 
 /// Smallest patch side accepted for datasets: below it a cell is a handful of pixels.
 pub const MIN_PATCH_SIDE: usize = 16;

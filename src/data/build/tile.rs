@@ -36,8 +36,8 @@ use tiff::tags::Tag;
 use super::pack::{
     SkippedImage, check_output, find_files, open_image, prefix_label, quoted_list, read_labels,
 };
-use super::store::{BagLabel, MAX_PATCH_SIDE, PatchSize, StoreSummary, StoreWriter};
 use crate::atomic::write_atomic;
+use crate::data::store::{BagLabel, MAX_PATCH_SIDE, PatchSize, StoreSummary, StoreWriter};
 
 /// Mask cells along a patch side, at least: enough to measure a patch's tissue fraction.
 pub const MASK_CELLS_PER_PATCH: f64 = 8.0;
