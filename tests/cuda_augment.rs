@@ -194,7 +194,7 @@ fn block_size_matches_the_kernel() {
             .unwrap()
             .source
             .contains("#define AUG_CHUNK 64\n"),
-        "the contrast mean's chunks must be src/data/augment.rs's CHUNK"
+        "the contrast mean's chunks must be src/data/input/augment/render.rs's CHUNK"
     );
 }
 

@@ -1,6 +1,6 @@
 //! Building patch stores offline, from image folders, labelled cell crops, whole slides or
-//! nothing at all (synthetic cytology). Everything here ends in a [`StoreWriter`]; nothing
-//! here runs during training.
+//! nothing at all (synthetic cytology), each written through a [`StoreWriter`]. Nothing here
+//! runs during training.
 //!
 //! - [`pack`]: image folders to a store (`slam pack`), and the image-file side shared with
 //!   `bags` and `tile`: finding, labelling and decoding images.
