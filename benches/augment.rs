@@ -6,8 +6,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::data::PatchSize;
-use slam_ags::data::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
-use slam_ags::data::rng::ViewKey;
+use slam_ags::data::input::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
+use slam_ags::data::input::rng::ViewKey;
 
 const VIEWS: usize = 256;
 const PATCHES: usize = 512;

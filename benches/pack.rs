@@ -7,7 +7,7 @@ use std::path::Path;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use slam_ags::data::pack::{ImageOptions, PackOptions, pack_folder};
+use slam_ags::data::build::pack::{ImageOptions, PackOptions, pack_folder};
 
 const IMAGES: usize = 200;
 const SIDE: u32 = 250;

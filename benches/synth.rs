@@ -4,7 +4,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
-use slam_ags::data::synth::SynthConfig;
+use slam_ags::data::build::synth::SynthConfig;
 
 fn render(c: &mut Criterion) {
     let mut group = c.benchmark_group("synth");

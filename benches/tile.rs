@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group};
-use slam_ags::data::tile::{DEFAULT_MEMORY_BUDGET, TileOptions, tile_slides};
+use slam_ags::data::build::tile::{DEFAULT_MEMORY_BUDGET, TileOptions, tile_slides};
 use tiff_writer::{Chunks, Layout, Page, write_tiff};
 
 /// Cells on glass: an elliptic smear covering about half the slide, with round cells in it.

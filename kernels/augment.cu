@@ -1,6 +1,6 @@
 // The views of DESIGN.md section 1 on the GPU (CPU twin: render_batch of
-// src/data/augment.rs): u8 HWC RGB patches in device memory become normalized f32 views, written
-// straight into the engines' channel-major [C, N, H, W] batches.
+// src/data/input/augment/render.rs): u8 HWC RGB patches in device memory become normalized f32
+// views, written straight into the engines' channel-major [C, N, H, W] batches.
 //
 //   augment_views   one block per view: crop, horizontal flip, the four color-jitter ops in the
 //                   drawn order (torchvision's float semantics, clamp to [0, 1] after each),
@@ -76,7 +76,7 @@ __device__ __forceinline__ float blend(float f, float x, float y) {
     return clamp01(add(mul(f, x), mul(sub(1.0f, f), y)));
 }
 
-// shift_hue of src/data/augment.rs, expression by expression.
+// shift_hue of src/data/input/augment/ops.rs, expression by expression.
 __device__ __forceinline__ void shift_hue(float factor, float& r, float& g, float& b) {
     const float maxc = fmaxf(fmaxf(r, g), b);
     const float minc = fminf(fminf(r, g), b);
@@ -139,8 +139,8 @@ __device__ __forceinline__ void apply_op(u32 op, const AugView& v, float mean, f
 
 __device__ __forceinline__ u32 op_at(u32 order, u32 k) { return (order >> (8 * k)) & 0xffu; }
 
-// gray_sum of src/data/augment.rs over the n <= AUG_CHUNK pixels at `src` (3 bytes apart),
-// after the first `before` jitter ops.
+// gray_sum of src/data/input/augment/ops.rs over the n <= AUG_CHUNK pixels at `src`
+// (3 bytes apart), after the first `before` jitter ops.
 __device__ double chunk_gray_sum(const u8* __restrict__ src, u32 n, u32 before, const AugView& v,
                                  const float* unit) {
     double acc[8];

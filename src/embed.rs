@@ -13,7 +13,7 @@ use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{TensorFile, TensorWriter};
-use crate::data::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
+use crate::data::input::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
 use crate::data::{Bag, BagLabel, PatchStore};
 use crate::engine::{Engine, nchw_to_cnhw};
 use crate::mil::MilBag;

@@ -7,12 +7,12 @@ use std::collections::HashSet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::data::PatchSize;
-use slam_ags::data::augment::{
+use slam_ags::data::input::augment::{
     AugmentConfig, CONTRASTIVE_DRAWS, Jitter, JitterOp, ViewJob, ViewParams, adjust_brightness,
     adjust_contrast, adjust_hue, adjust_saturation, crop_chw, hflip, normalize, render_batch,
     render_view, rot90,
 };
-use slam_ags::data::rng::{ViewKey, philox4x32_10};
+use slam_ags::data::input::rng::{ViewKey, philox4x32_10};
 
 fn key(seed: u64, step: u64, slot: u32, view: u32) -> ViewKey {
     ViewKey {

@@ -11,8 +11,8 @@ use common::cuda;
 use cudarc::driver::CudaSlice;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use slam_ags::data::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
-use slam_ags::data::rng::ViewKey;
+use slam_ags::data::input::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
+use slam_ags::data::input::rng::ViewKey;
 use slam_ags::data::store::{BagLabel, PatchSize, PatchStore, StoreWriter};
 use slam_ags::engine::cuda::{AUGMENT_BLOCK, AugView, DevSlice, MatmulMode, kernel_file};
 use slam_ags::engine::nchw_to_cnhw;
@@ -194,7 +194,7 @@ fn block_size_matches_the_kernel() {
             .unwrap()
             .source
             .contains("#define AUG_CHUNK 64\n"),
-        "the contrast mean's chunks must be src/data/augment.rs's CHUNK"
+        "the contrast mean's chunks must be src/data/input/augment/render.rs's CHUNK"
     );
 }
 

@@ -158,9 +158,9 @@ fn eval_forward_matches_cpu_engine() -> Result<()> {
 /// both residency modes and for both objectives' view sets.
 #[test]
 fn device_views_match_host_views() -> Result<()> {
-    use slam_ags::data::augment::AugmentConfig;
-    use slam_ags::data::batch::{Augmenter, Views};
-    use slam_ags::data::sampler::{BalancedSampler, SamplerMode};
+    use slam_ags::data::input::augment::AugmentConfig;
+    use slam_ags::data::input::batch::{Augmenter, Views};
+    use slam_ags::data::input::sampler::{BalancedSampler, SamplerMode};
     use slam_ags::data::{BagLabel, PatchStore};
     use slam_ags::gpu_data::{DeviceViews, Residency};
     use slam_ags::pretrain::{HostViews, ViewSource};

@@ -14,7 +14,7 @@ use proptest::sample::Index;
 use common::random_store;
 use slam_ags::checkpoint::{self, TensorFile};
 use slam_ags::data::PatchStore;
-use slam_ags::data::pack::{ImageOptions, PackOptions, pack_folder};
+use slam_ags::data::build::pack::{ImageOptions, PackOptions, pack_folder};
 use slam_ags::embed::{Embeddings, FeatureKind, embed};
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::mil::{Adam, MilHead, MilTrainConfig, report};

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::{arg, assert_fails_with, assert_succeeds, save_image, slam, test_image};
 use image::{GrayImage, Luma, Rgba, RgbaImage};
-use slam_ags::data::pack::{ImageOptions, Layout, PackOptions, PackReport, pack_folder};
+use slam_ags::data::build::pack::{ImageOptions, Layout, PackOptions, PackReport, pack_folder};
 use slam_ags::data::{BagLabel, PatchSize, PatchStore};
 
 fn pack(input: &Path, output: &Path, options: &PackOptions) -> anyhow::Result<PackReport> {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use slam_ags::data::sampler::{
+use slam_ags::data::input::sampler::{
     BalancedSampler, BatchSplit, SamplerMode, SamplerPosition, split_batch,
 };
 

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use slam_ags::data::PatchStore;
-use slam_ags::data::plan::{BagPlanConfig, Cell, plan_bags};
-use slam_ags::data::synth::{SynthConfig, patch_id, write_dataset};
+use slam_ags::data::build::plan::{BagPlanConfig, Cell, plan_bags};
+use slam_ags::data::build::synth::{SynthConfig, patch_id, write_dataset};
 
 fn synth(patch_size: usize, seed: u64) -> SynthConfig {
     SynthConfig { patch_size, seed }
@@ -80,8 +80,8 @@ fn stores_hold_the_planned_bags_with_exact_witness_rates_and_true_instances() {
     let planned = plan_bags(&plan, normal, abnormal).unwrap();
     let mut seen = 0;
     for (file, split) in [
-        ("train.patches", slam_ags::data::plan::Split::Train),
-        ("test.patches", slam_ags::data::plan::Split::Test),
+        ("train.patches", slam_ags::data::build::plan::Split::Train),
+        ("test.patches", slam_ags::data::build::plan::Split::Test),
     ] {
         let store = PatchStore::open(&dir.path().join(file)).unwrap();
         store.verify_pixels().unwrap();

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::{arg, assert_fails_with, assert_succeeds, in_pool, slam};
-use slam_ags::data::tile::{TileOptions, TileReport, tile_slides};
+use slam_ags::data::build::tile::{TileOptions, TileReport, tile_slides};
 use slam_ags::data::{BagLabel, PatchStore};
 use tiff_writer::{Chunks, Layout, Page, write_tiff};
 

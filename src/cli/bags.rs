@@ -7,8 +7,8 @@ use clap::Args;
 use indicatif::HumanBytes;
 
 use super::pack::{ImageArgs, print_speed, print_tally, with_progress};
-use crate::data::bags::{BagsOptions, TEST_FILE, TRAIN_FILE, build_bags};
-use crate::data::plan::BagPlanConfig;
+use crate::data::build::bags::{BagsOptions, TEST_FILE, TRAIN_FILE, build_bags};
+use crate::data::build::plan::BagPlanConfig;
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:

@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::data::PatchSize;
-use crate::data::pack::{ImageOptions, ImageTally, Layout, PackOptions, pack_folder};
+use crate::data::build::pack::{ImageOptions, ImageTally, Layout, PackOptions, pack_folder};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:

@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::args::{Device, EngineArgs, GpuViewArgs, Matmul};
-use crate::data::sampler::SamplerMode;
+use crate::data::input::sampler::SamplerMode;
 use crate::engine::Engine;
 use crate::engine::cpu::CpuEngine;
 use crate::model::Surgery;

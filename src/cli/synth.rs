@@ -8,8 +8,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::StoreSummary;
-use crate::data::plan::BagPlanConfig;
-use crate::data::synth::{SHEET_CELLS_PER_CLASS, SynthConfig, SynthPaths, write_dataset};
+use crate::data::build::plan::BagPlanConfig;
+use crate::data::build::synth::{SHEET_CELLS_PER_CLASS, SynthConfig, SynthPaths, write_dataset};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
-use crate::data::tile::{TileOptions, TileProgress, TissueThresholds, tile_slides};
+use crate::data::build::tile::{TileOptions, TileProgress, TissueThresholds, tile_slides};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:

@@ -1,16 +1,16 @@
-//! Everything between images on disk and the float batches the engines consume: the packed
-//! patch store, building stores from image folders, bags and synthetic cytology, the
-//! balanced sampler and the augmentation. Knows no engine.
+//! Everything between images on disk and the float batches the engines consume. Knows no
+//! engine.
+//!
+//! - [`store`]: the packed patch store (reader and writer), the one format both halves share.
+//! - [`build`]: building stores offline: image folders ([`build::pack`]), bags of labelled
+//!   cells ([`build::bags`], planned by [`build::plan`]), whole slides ([`build::tile`]) and
+//!   synthetic cytology ([`build::synth`]).
+//! - [`input`]: training-time input: the balanced sampler ([`input::sampler`]), the
+//!   counter-based view keys ([`input::rng`]), the augmentation ([`input::augment`]) and the
+//!   step's views ([`input::batch`]).
 
-pub mod augment;
-pub mod bags;
-pub mod batch;
-pub mod pack;
-pub mod plan;
-pub mod rng;
-pub mod sampler;
+pub mod build;
+pub mod input;
 pub mod store;
-pub mod synth;
-pub mod tile;
 
 pub use store::{Bag, BagLabel, PatchSize, PatchStore, StoreSummary, StoreWriter};

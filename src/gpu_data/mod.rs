@@ -19,7 +19,7 @@ use anyhow::{Context, Result, ensure};
 pub use store::{DeviceStore, Residency, Staged};
 pub use views::DeviceViews;
 
-use crate::data::augment::{AugmentConfig, JitterOp, ViewJob, ViewParams};
+use crate::data::input::augment::{AugmentConfig, JitterOp, ViewJob, ViewParams};
 use crate::data::store::PatchSize;
 use crate::engine::cuda::{AugShape, AugView};
 
@@ -114,8 +114,8 @@ pub fn view_table(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::augment::Jitter;
-    use crate::data::rng::ViewKey;
+    use crate::data::input::augment::Jitter;
+    use crate::data::input::rng::ViewKey;
 
     #[test]
     fn records_carry_the_drawn_parameters() {

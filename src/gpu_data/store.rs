@@ -30,7 +30,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use rayon::prelude::*;
 
 use super::{aug_shape, view_table};
-use crate::data::augment::{AugmentConfig, ViewJob};
+use crate::data::input::augment::{AugmentConfig, ViewJob};
 use crate::data::store::{PatchSize, PatchStore};
 use crate::engine::cuda::{CudaEngine, DevSlice, DevViewMut};
 

@@ -5,9 +5,9 @@ use anyhow::Result;
 
 use super::{DeviceStore, Residency};
 use crate::data::PatchStore;
-use crate::data::augment::ViewJob;
-use crate::data::batch::{Augmenter, Views};
-use crate::data::sampler::SampledBatch;
+use crate::data::input::augment::ViewJob;
+use crate::data::input::batch::{Augmenter, Views};
+use crate::data::input::sampler::SampledBatch;
 use crate::engine::cuda::{CudaEngine, DevSlice};
 use crate::model::StepBatch;
 use crate::pretrain::ViewSource;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
-use crate::data::augment::AugmentConfig;
-use crate::data::sampler::SamplerMode;
+use crate::data::input::augment::AugmentConfig;
+use crate::data::input::sampler::SamplerMode;
 use crate::model::optim::{Schedule, Sgd};
 use crate::model::{NetConfig, StepConfig, Surgery};
 

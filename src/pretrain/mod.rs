@@ -23,8 +23,8 @@ pub use config::{Objective, PretrainConfig};
 
 use crate::atomic::{AtomicDir, AtomicFile, write_atomic};
 use crate::checkpoint::{self, TensorFile, TensorWriter};
-use crate::data::batch::{Augmenter, Views};
-use crate::data::sampler::{BalancedSampler, SampledBatch, SamplerPosition};
+use crate::data::input::batch::{Augmenter, Views};
+use crate::data::input::sampler::{BalancedSampler, SampledBatch, SamplerPosition};
 use crate::data::{BagLabel, PatchStore};
 use crate::engine::Engine;
 use crate::memory;

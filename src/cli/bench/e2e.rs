@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::median;
 use crate::cli::args::{ArchArgs, Device, EngineArgs, GpuViewArgs, Matmul};
-use crate::data::plan::BagPlanConfig;
-use crate::data::synth::{SynthConfig, write_dataset};
+use crate::data::build::plan::BagPlanConfig;
+use crate::data::build::synth::{SynthConfig, write_dataset};
 use crate::engine::Backend;
 use crate::engine::cpu::CpuEngine;
 use crate::pretrain::{Observer, PretrainConfig, Run, StepLog};

@@ -8,8 +8,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::median;
-use crate::data::augment::{AugmentConfig, ViewJob, ViewParams};
-use crate::data::rng::ViewKey;
+use crate::data::input::augment::{AugmentConfig, ViewJob, ViewParams};
+use crate::data::input::rng::ViewKey;
 use crate::data::store::PatchSize;
 use crate::engine::cuda::{CudaEngine, DevSlice, MatmulMode, PairLoss};
 use crate::engine::{Conv2d, ConvOps, LossViews, SgdBuffers, SgdUpdate, UpdateOps, ViewPair};

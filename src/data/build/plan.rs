@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use super::store::BagLabel;
+use crate::data::store::BagLabel;
 
 /// What to build.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

@@ -15,7 +15,7 @@ use super::pack::{
     resolve_patch_size, subfolders,
 };
 use super::plan::{BagPlanConfig, Split, plan_bags};
-use super::store::{StoreSummary, StoreWriter};
+use crate::data::store::{StoreSummary, StoreWriter};
 
 /// The stores written into the output folder.
 pub const TRAIN_FILE: &str = "train.patches";

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use image::ImageReader;
 use rayon::prelude::*;
 
-use super::store::{BagLabel, PatchSize, StoreSummary, StoreWriter};
+use crate::data::store::{BagLabel, PatchSize, StoreSummary, StoreWriter};
 
 /// Folder nesting followed at most: bounds the walk when symbolic links form a loop.
 const MAX_DEPTH: usize = 32;

@@ -10,7 +10,7 @@ use anyhow::Result;
 use super::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
 use super::rng::ViewKey;
 use super::sampler::SampledBatch;
-use super::store::PatchStore;
+use crate::data::store::PatchStore;
 use crate::model::HostBatch;
 
 /// Renders batches from one store with one augmentation setting.
