@@ -12,12 +12,12 @@ use std::path::Path;
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{TensorFile, TensorWriter};
+use crate::checkpoint::{self, TensorFile, TensorWriter};
 use crate::data::input::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
 use crate::data::{Bag, BagLabel, PatchStore};
 use crate::engine::{Engine, nchw_to_cnhw};
-use crate::mil::MilBag;
 use crate::model::ModelState;
+use crate::pretrain::{self, PretrainConfig};
 
 /// Which activations become a patch's features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -40,6 +40,18 @@ pub struct Embeddings {
     pub bags: Vec<Bag>,
     pub instances: Vec<Option<bool>>,
     pub sources: Vec<String>,
+}
+
+/// The model of a `slam pretrain` run folder (its final model) or of a checkpoint file, and
+/// the crop it was trained at when the run folder says.
+pub fn load_model(path: &Path) -> Result<(ModelState, Option<usize>)> {
+    if path.is_dir() {
+        let config = PretrainConfig::from_toml_file(&path.join(pretrain::CONFIG_FILE))?;
+        let state = checkpoint::load(&path.join(pretrain::MODEL_FILE))?;
+        Ok((state, Some(config.crop)))
+    } else {
+        Ok((checkpoint::load(path)?, None))
+    }
 }
 
 /// Embeds every patch of `store` with `state` in eval mode: the center `crop` of each patch,
@@ -221,24 +233,5 @@ impl Embeddings {
             instances,
             sources,
         })
-    }
-
-    /// The bags as MIL inputs (f64 features; instance truth when known for every patch).
-    pub fn mil_bags(&self) -> Vec<MilBag> {
-        self.bags
-            .iter()
-            .map(|bag| MilBag {
-                name: bag.name.clone(),
-                label: bag.label.is_abnormal(),
-                features: self.features[bag.patches.start * self.dim..bag.patches.end * self.dim]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .collect(),
-                truth: self.instances[bag.patches.clone()]
-                    .iter()
-                    .copied()
-                    .collect(),
-            })
-            .collect()
     }
 }

@@ -16,7 +16,7 @@ use slam_ags::data::input::rng::ViewKey;
 use slam_ags::data::store::{BagLabel, PatchSize, PatchStore, StoreWriter};
 use slam_ags::engine::cuda::{AUGMENT_BLOCK, AugView, DevSlice, MatmulMode, kernel_file};
 use slam_ags::engine::nchw_to_cnhw;
-use slam_ags::gpu_data::{DeviceStore, Residency, aug_shape, view_table};
+use slam_ags::feed::{DeviceStore, Residency, aug_shape, view_table};
 
 /// A store of `count` patches of `size` with pixels that exercise every branch of the ops:
 /// random colors, grays (r = g = b, hue's equal-channel case), ties between two channels,
@@ -346,7 +346,7 @@ fn bad_inputs_are_errors() -> anyhow::Result<()> {
     let pixels = gpu.upload(store.pixels())?;
     let mut out: CudaSlice<f32> = gpu.zeros(2 * 3 * 64)?;
     let center = ViewParams::center(&cfg, size)?;
-    let view = slam_ags::gpu_data::aug_view(&center, 0, 0, 2, 0)?;
+    let view = slam_ags::feed::aug_view(&center, 0, 0, 2, 0)?;
     gpu.augment(pixels.dev(), &shape, &[view], out.dev_mut())?;
     let bad = [
         ("patch 4", AugView { patch: 4, ..view }),

@@ -17,11 +17,12 @@ use anyhow::Result;
 use common::twin::{Case, Output, Tolerance, Twin};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use slam_ags::data::input::batch::HostBatch;
 use slam_ags::engine::Engine;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::cuda::MatmulMode;
 use slam_ags::engine::prelude::Backend;
-use slam_ags::model::{HostBatch, ModelState, NetConfig, Network, StepConfig, Surgery, Trainer};
+use slam_ags::model::{ModelState, NetConfig, Network, StepBatch, StepConfig, Surgery, Trainer};
 
 /// One training step from `state` on `batch`: both losses, g1, g2, the combined gradient, the
 /// update, the running statistics (and the batch-norm step counts, bit for bit).
@@ -51,7 +52,13 @@ impl Case for StepCase {
         };
         let mut trainer = Trainer::new(eng, &state)?;
         let mut combined = eng.zeros(trainer.net.param_len())?;
-        let report = trainer.step(eng, &batch.upload(eng)?, &cfg, 0.05, Some(&mut combined))?;
+        let report = trainer.step(
+            eng,
+            &StepBatch::upload(eng, &batch)?,
+            &cfg,
+            0.05,
+            Some(&mut combined),
+        )?;
         let after = trainer.state(eng)?;
         let moved: Vec<f32> = after
             .params
@@ -162,8 +169,8 @@ fn device_views_match_host_views() -> Result<()> {
     use slam_ags::data::input::batch::{Augmenter, Views};
     use slam_ags::data::input::sampler::{BalancedSampler, SamplerMode};
     use slam_ags::data::{BagLabel, PatchStore};
-    use slam_ags::gpu_data::{DeviceViews, Residency};
-    use slam_ags::pretrain::{HostViews, ViewSource};
+    use slam_ags::feed::{DeviceViews, Residency};
+    use slam_ags::feed::{HostViews, ViewSource};
 
     let Some(gpu) = common::cuda(MatmulMode::Exact) else {
         return Ok(());
@@ -214,13 +221,19 @@ fn tiny_run(
 ) -> slam_ags::pretrain::PretrainConfig {
     slam_ags::pretrain::PretrainConfig {
         store,
-        arch: "resnet10".into(),
-        width: Some(4),
-        out_dim: Some(8),
+        net: slam_ags::model::NetSpec {
+            arch: "resnet10".into(),
+            width: Some(4),
+            blocks: None,
+            out_dim: Some(8),
+        },
         batch: 8,
         epochs: 2,
         warmup_epochs: 1,
-        lr: 0.05,
+        step: StepConfig {
+            lr: 0.05,
+            ..StepConfig::default()
+        },
         crop: 12,
         checkpoint_every: 2,
         seed: 11,
@@ -248,7 +261,7 @@ fn losses(run: &std::path::Path) -> Vec<(f64, f64)> {
 /// bit-identical to an uninterrupted GPU run.
 #[test]
 fn gpu_pretraining_follows_the_cpu_run_and_resumes_exactly() -> Result<()> {
-    use slam_ags::gpu_data::{DeviceViews, Residency};
+    use slam_ags::feed::{DeviceViews, Residency};
     use slam_ags::pretrain::{Quiet, Run};
 
     let Some(gpu) = common::cuda(MatmulMode::Exact) else {

@@ -7,6 +7,7 @@ use slam_ags::checkpoint;
 use slam_ags::data::PatchStore;
 use slam_ags::embed::{Embeddings, FeatureKind, embed};
 use slam_ags::engine::cpu::CpuEngine;
+use slam_ags::mil::MilBag;
 use slam_ags::model::{ModelState, NetConfig};
 
 fn tiny_model() -> ModelState {
@@ -68,7 +69,7 @@ fn embeddings_do_not_depend_on_the_batching_and_round_trip() {
     whole.save(&path).unwrap();
     let back = Embeddings::load(&path).unwrap();
     assert_eq!(back, whole);
-    let bags = back.mil_bags();
+    let bags = MilBag::from_embeddings(&back);
     assert_eq!(bags.len(), 4);
     assert!(bags[0].label && !bags[1].label);
     assert_eq!(bags[2].features.len(), 12 * 8);

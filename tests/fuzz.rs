@@ -17,8 +17,8 @@ use slam_ags::data::PatchStore;
 use slam_ags::data::build::pack::{ImageOptions, PackOptions, pack_folder};
 use slam_ags::embed::{Embeddings, FeatureKind, embed};
 use slam_ags::engine::cpu::CpuEngine;
-use slam_ags::mil::{Adam, MilHead, MilTrainConfig, report};
-use slam_ags::model::{ModelState, NetConfig};
+use slam_ags::mil::{Adam, MilBag, MilHead, MilTrainConfig, report};
+use slam_ags::model::{ModelState, NetConfig, NetSpec};
 use slam_ags::pretrain::PretrainConfig;
 
 fn config(default_cases: u32) -> ProptestConfig {
@@ -107,12 +107,15 @@ fn samples() -> &'static Samples {
             adam: Adam::default(),
             seed: 0,
         };
-        let head = MilHead::train(&e.mil_bags(), e.dim, (4, 3), &train, |_| {});
+        let head = MilHead::train(&MilBag::from_embeddings(&e), e.dim, (4, 3), &train, |_| {});
         let mil_path = dir.path().join("mil.safetensors");
         report::save_model(&mil_path, &head).unwrap();
         let config = PretrainConfig {
             store: store_path.clone(),
-            width: Some(4),
+            net: NetSpec {
+                width: Some(4),
+                ..NetSpec::default()
+            },
             ..PretrainConfig::default()
         };
         Samples {
@@ -168,7 +171,7 @@ proptest! {
     fn corrupt_embeddings_and_mil_heads_never_panic(c in corruption()) {
         let (_dir, path) = write_temp(&c.apply(&samples().embeddings));
         if let Ok(e) = Embeddings::load(&path) {
-            let _ = e.mil_bags();
+            let _ = MilBag::from_embeddings(&e);
         }
         let (_dir, path) = write_temp(&c.apply(&samples().mil));
         let _ = report::load_model(&path);

@@ -16,7 +16,6 @@ use slam_ags::checkpoint::TensorFile;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::prelude::*;
 use slam_ags::engine::{SgdBuffers, SgdUpdate, nchw_to_cnhw};
-use slam_ags::model::optim::Sgd;
 use slam_ags::model::{ModelState, Network, StepBatch, StepConfig, Surgery, Trainer};
 
 #[derive(Deserialize)]
@@ -105,14 +104,6 @@ impl Case {
         nchw_to_cnhw(&data, n, 3, crop * crop)
     }
 
-    fn sgd(&self) -> Sgd {
-        Sgd {
-            lr: self.cfg.lr,
-            momentum: self.cfg.momentum,
-            weight_decay: self.cfg.weight_decay,
-        }
-    }
-
     /// PyTorch's momentum buffer after `step` (1-based); zero before the first.
     fn momentum_after(&self, step: usize) -> Vec<f32> {
         let mut buf = vec![0.0f32; self.net.param_len()];
@@ -143,7 +134,9 @@ fn run_case(name: &str) {
     };
     let step_cfg = StepConfig {
         surgery: cfg.surgery,
-        sgd: case.sgd(),
+        lr: cfg.lr,
+        momentum: cfg.momentum,
+        weight_decay: cfg.weight_decay,
         temperature: cfg.temperature,
     };
     for (s, golden) in (1..=2).zip(&cfg.steps) {

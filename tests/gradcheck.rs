@@ -56,6 +56,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use slam_ags::data::input::batch::HostBatch;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::prelude::*;
 use slam_ags::engine::{
@@ -63,9 +64,8 @@ use slam_ags::engine::{
     Linear, LinearBackward, LinearForward, LossViews, MaxPool, ViewPair,
 };
 use slam_ags::model::network::{BnParams, ConvParams, LinearParams};
-use slam_ags::model::optim::Sgd;
 use slam_ags::model::{
-    Activations, HostBatch, ModelState, NetConfig, Network, StepConfig, Surgery, Trainer,
+    Activations, ModelState, NetConfig, Network, StepBatch, StepConfig, Surgery, Trainer,
 };
 
 /// Largest relative error accepted for one directional derivative.
@@ -1468,13 +1468,11 @@ fn gradcheck_trainer_task_gradients() {
     };
     let (net, state) = random_state(config, 161);
     let (n_pos, n_neg, crop, t) = (3, 4, 20, 0.2);
-    let batch = HostBatch::random(n_pos, n_neg, crop, 162)
-        .upload(&ENG)
-        .unwrap();
+    let batch = StepBatch::upload(&ENG, &HostBatch::random(n_pos, n_neg, crop, 162)).unwrap();
     let step_cfg = StepConfig {
         surgery: Surgery::Ags,
-        sgd: Sgd::default(),
         temperature: t,
+        ..StepConfig::default()
     };
     // The second step's gradients, at the parameters the first left: a task gradient that
     // kept anything from the first step would fail.
@@ -1568,7 +1566,7 @@ fn network_eval_forward_matches_reference() {
     }
     let (batch, crop) = (3, 24);
     let input = HostBatch::random(batch, 2, crop, 173);
-    let x = input.upload(&ENG).unwrap().pos_i;
+    let x = StepBatch::upload(&ENG, &input).unwrap().pos_i;
     let params = ENG.upload(&state.params).unwrap();
     let running = ENG.upload(&state.running).unwrap();
     let acts = net

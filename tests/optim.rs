@@ -15,8 +15,9 @@ use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::prelude::*;
 use slam_ags::engine::{GradDots, SgdBuffers, SgdUpdate};
+use slam_ags::model::StepConfig;
 use slam_ags::model::Surgery;
-use slam_ags::model::optim::{Schedule, Sgd};
+use slam_ags::model::optim::Schedule;
 
 fn random_vec(rng: &mut ChaCha8Rng, len: usize, range: f32) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-range..range)).collect()
@@ -238,7 +239,7 @@ fn sgd_step_ignores_the_thread_count_and_checks_lengths() {
 
 #[test]
 fn sgd_defaults_and_update_carry_the_combination() {
-    let sgd = Sgd::default();
+    let sgd = StepConfig::default();
     assert_eq!(
         (sgd.lr, sgd.momentum, sgd.weight_decay),
         (1e-3, 0.9, 1e-4),

@@ -8,18 +8,25 @@ mod common;
 use common::random_store;
 use slam_ags::checkpoint;
 use slam_ags::engine::cpu::CpuEngine;
+use slam_ags::model::{NetSpec, StepConfig};
 use slam_ags::pretrain::{Objective, PretrainConfig, Quiet, Run};
 
 fn tiny_config(store: PathBuf) -> PretrainConfig {
     PretrainConfig {
         store,
-        arch: "resnet10".into(),
-        width: Some(4),
-        out_dim: Some(8),
+        net: NetSpec {
+            arch: "resnet10".into(),
+            width: Some(4),
+            blocks: None,
+            out_dim: Some(8),
+        },
         batch: 8,
         epochs: 3,
         warmup_epochs: 1,
-        lr: 0.05,
+        step: StepConfig {
+            lr: 0.05,
+            ..StepConfig::default()
+        },
         crop: 12,
         checkpoint_every: 3,
         seed: 11,
@@ -155,12 +162,12 @@ fn simclr_trains_the_contrastive_task_alone() {
 #[test]
 fn divergence_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let config = PretrainConfig {
-        lr: 1e30,
+    let mut config = PretrainConfig {
         warmup_epochs: 0,
         checkpoint_every: 1,
         ..tiny_config(random_store(dir.path()))
     };
+    config.step.lr = 1e30;
     let out = dir.path().join("run");
     let err = Run::create(&CpuEngine, &out, config)
         .unwrap()
@@ -211,13 +218,12 @@ fn runs_are_bit_identical_across_thread_counts() {
     let train = |threads: usize| {
         let out = dir.path().join(format!("run{threads}"));
         // Wide enough that the convolutions' products are split between threads.
-        let config = PretrainConfig {
-            width: Some(16),
-            out_dim: Some(32),
+        let mut config = PretrainConfig {
             batch: 16,
             max_steps: Some(3),
             ..tiny_config(store.clone())
         };
+        (config.net.width, config.net.out_dim) = (Some(16), Some(32));
         common::in_pool(threads, || {
             Run::create(&CpuEngine, &out, config)
                 .unwrap()

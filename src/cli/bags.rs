@@ -24,6 +24,11 @@ rate) abnormal cells and normal cells for the rest. Each cell goes into at most 
 bags of each label are split between OUT/train.patches and OUT/test.patches. Each patch keeps
 its cell's class (normal or abnormal) as instance truth and its path as source. With
 --skip-bad an unreadable cell is replaced by an unused cell of the same side.")]
+#[command(
+    mut_arg("bags", |a| a.required(true).default_value(None)),
+    mut_arg("bag_size", |a| a.required(true).default_value(None)),
+    mut_arg("witness_rate", |a| a.required(true).default_value(None))
+)]
 pub struct BagsArgs {
     /// Folder of class folders.
     pub cells: PathBuf,
@@ -36,21 +41,8 @@ pub struct BagsArgs {
     /// Classes of abnormal cells (the witnesses), comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub positive_class: Vec<String>,
-    /// Bags in all, over both splits.
-    #[arg(long)]
-    pub bags: usize,
-    /// Cells per bag.
-    #[arg(long)]
-    pub bag_size: usize,
-    /// Abnormal cells / cells in an abnormal bag.
-    #[arg(long)]
-    pub witness_rate: f64,
-    /// Share of the bags that are abnormal.
-    #[arg(long, default_value_t = 0.5)]
-    pub abnormal_fraction: f64,
-    /// Share of each label's bags for training; the rest are for testing.
-    #[arg(long, default_value_t = 0.5)]
-    pub split: f64,
+    #[command(flatten)]
+    pub plan: BagPlanConfig,
     /// Seed of the draw; the same seed and cells give the same bags.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -61,12 +53,8 @@ pub struct BagsArgs {
 pub fn run(args: &BagsArgs) -> Result<()> {
     let options = BagsOptions {
         plan: BagPlanConfig {
-            bags: args.bags,
-            bag_size: args.bag_size,
-            witness_rate: args.witness_rate,
-            abnormal_fraction: args.abnormal_fraction,
-            train_fraction: args.split,
             seed: args.seed,
+            ..args.plan.clone()
         },
         negative_classes: args.negative_class.clone(),
         positive_classes: args.positive_class.clone(),
@@ -79,7 +67,7 @@ pub fn run(args: &BagsArgs) -> Result<()> {
         TEST_FILE,
         args.out.display(),
         args.cells.display(),
-        args.bag_size,
+        options.plan.bag_size,
         options.plan.witnesses_per_bag()
     );
     println!(

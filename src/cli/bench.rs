@@ -1,18 +1,14 @@
-//! `slam bench`: speed measurements.
+//! `slam bench`: speed measurements (`pipeline::bench`, `pipeline::kernels`).
 
-mod e2e;
-mod kernels;
-
-use std::time::Instant;
-
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::args::{ArchArgs, Device, EngineArgs, Matmul, StepArgs};
-use crate::engine::Engine;
-use crate::engine::cpu::CpuEngine;
-use crate::model::{HostBatch, ModelState, Network, Trainer};
+use super::args::{Device, EngineArgs, with_engine};
+use crate::engine::cuda::{CudaEngine, MatmulMode};
+use crate::feed::ViewSettings;
+use crate::pipeline::bench::{E2eBench, StepBench, StepTiming};
+use crate::pipeline::kernels::{KernelBench, KernelRow};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -38,9 +34,19 @@ the median over the timed steps, after the warm-up ones.")]
 Needs a CUDA GPU; without one it fails with the reason. Reports the median and fastest run
 of each op, GB/s counting the bytes each pass must move, and the share of the measured
 device-to-device copy bandwidth.")]
-    Kernels(kernels::BenchKernelsArgs),
+    Kernels(BenchKernelsArgs),
     /// End-to-end pretraining images per second, from stored patches to updated parameters.
-    E2e(e2e::BenchE2eArgs),
+    #[command(after_help = "Examples:
+  slam bench e2e --device cuda                         (the reference configuration, TF32)
+  slam bench e2e --device cuda --matmul bf16 --json
+  slam bench e2e --device cuda --residency streamed    (pixels copied per step, not resident)
+  slam bench e2e --patch-size 72 --crop 64 --batch 16 --width 8 --steps 3   (small, on the CPU)
+
+Synthesizes a store of --patches cells at --patch-size (the reference patches are 250 x 250),
+then pretrains on it for --warmup + --steps steps and reports the images through the network
+per second (two views of every patch) over the timed steps, with the peak GPU memory on
+--device cuda.")]
+    E2e(BenchE2eArgs),
 }
 
 #[derive(Args, Debug)]
@@ -48,156 +54,89 @@ pub struct BenchStepArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
-    pub arch: ArchArgs,
-    /// Side of the input crops.
-    #[arg(long, default_value_t = 64)]
-    pub crop: usize,
-    /// Patches per step, half slide-positive and half slide-negative.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
-    /// Timed steps.
-    #[arg(long, default_value_t = 5)]
-    pub steps: usize,
-    /// Untimed steps first.
-    #[arg(long, default_value_t = 1)]
-    pub warmup: usize,
-    #[command(flatten)]
-    pub step: StepArgs,
+    pub bench: StepBench,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        0.5 * (v[mid - 1] + v[mid])
-    }
+#[derive(Args, Debug)]
+pub struct BenchKernelsArgs {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    #[command(flatten)]
+    pub bench: KernelBench,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchE2eArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub views: ViewSettings,
+    #[command(flatten)]
+    pub bench: E2eBench,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(cmd: &BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Step(args) => run_step(args),
-        BenchCommand::Kernels(args) => kernels::run(args),
-        BenchCommand::E2e(args) => e2e::run(args),
+        BenchCommand::Step(args) => step(args),
+        BenchCommand::Kernels(args) => kernels(args),
+        BenchCommand::E2e(args) => e2e(args),
     }
 }
 
-/// What the timed steps measured.
-#[derive(Debug, serde::Serialize)]
-struct StepTiming {
-    engine: &'static str,
-    precision: &'static str,
-    images_per_step: usize,
-    median_step_ms: f64,
-    images_per_s: f64,
-    /// Forward + backward FLOP/s of the convolutions and linear layers.
-    flops_per_s: f64,
-    /// Share of the step in the surgery reduction and the fused update.
-    update_share: f64,
+fn steps_bar(len: u64, template: &str) -> Result<ProgressBar> {
+    Ok(ProgressBar::new(len)
+        .with_style(ProgressStyle::with_template(template)?.progress_chars("=> ")))
 }
 
-fn run_step(args: &BenchStepArgs) -> Result<()> {
+fn step(args: &BenchStepArgs) -> Result<()> {
+    let bench = &args.bench;
     args.engine.check()?;
-    ensure!(args.steps > 0, "--steps must be at least 1");
-    ensure!(
-        args.batch >= 4,
-        "--batch must be at least 4 (two images per view and kind)"
-    );
-    match args.engine.device {
-        Device::Cpu => {
-            let timing = time_steps(&CpuEngine, args)?;
-            print_timing(args, &timing, None)
-        }
-        Device::Cuda => {
-            let eng = args.engine.open_cuda(Matmul::Tf32)?;
-            eng.reset_peak_memory()?;
-            let timing = time_steps(&eng, args)?;
-            let peak = eng.peak_memory_bytes()?;
-            let rate = eng.matmul_rate()?;
-            print_timing(args, &timing, Some((peak, rate)))
-        }
-    }
-}
-
-fn time_steps<E: Engine>(eng: &E, args: &BenchStepArgs) -> Result<StepTiming> {
-    let step_cfg = args.step.config()?;
-    let config = args.arch.config()?;
-    let n_pos = args.batch / 2;
-    let batch = HostBatch::random(n_pos, args.batch - n_pos, args.crop, 0);
-    let mut trainer = Trainer::new(eng, &ModelState::init(config, 0)?)?;
-    let device_batch = batch.upload(eng)?;
-    let images = 2 * args.batch;
-    let threads = match eng.name() {
-        "cpu" => format!(" on {} threads", rayon::current_num_threads()),
-        _ => String::new(),
-    };
-    // The settings go to stderr under --json, which keeps stdout to the one object.
-    let header = format!(
-        "bench step: {config}, {} parameters, crop {}, batch {} ({} + {}), {images} images per step, {} engine ({}){threads}",
-        Network::new(config).param_len(),
-        args.crop,
-        args.batch,
-        batch.n_pos,
-        batch.n_neg,
-        eng.name(),
-        eng.precision(),
-    );
-    if args.json {
-        eprintln!("{header}");
-    } else {
-        println!("{header}");
-    }
-    let bar = ProgressBar::new((args.warmup + args.steps) as u64).with_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg}")?
-            .progress_chars("=> "),
-    );
-    let (mut step_seconds, mut update_share) = (Vec::new(), Vec::new());
-    for i in 0..args.warmup + args.steps {
-        bar.set_prefix(if i < args.warmup {
+    bench.validate()?;
+    let bar = steps_bar(
+        (bench.warmup + bench.steps) as u64,
+        "{prefix} [{bar:30}] {pos}/{len} steps {msg}",
+    )?;
+    let images = 2 * bench.batch;
+    let mut on_step = |i: usize, seconds: f64| {
+        bar.set_prefix(if i + 1 < bench.warmup {
             "warm-up"
         } else {
             "timing "
         });
-        let start = Instant::now();
-        let report = trainer.step(eng, &device_batch, &step_cfg, step_cfg.sgd.lr as f64, None)?;
-        // The step's last op (the update) is queued, not finished: wait for it.
-        eng.download(eng.view(&trainer.params, 0..1))?;
-        let seconds = start.elapsed().as_secs_f64();
-        if i >= args.warmup {
-            step_seconds.push(seconds);
-            update_share.push(report.seconds_update / seconds);
-        }
         bar.set_message(format!("{:.1} images/s", images as f64 / seconds));
         bar.inc(1);
-    }
+    };
+    // The settings go to stderr under --json, which keeps stdout to the one object.
+    let show = |header: String| match args.json {
+        true => eprintln!("{header}"),
+        false => println!("{header}"),
+    };
+    let timing = match args.engine.device {
+        Device::Cpu => {
+            let eng = &crate::engine::cpu::CpuEngine;
+            show(bench.describe(eng)?);
+            bench.run(eng, &mut on_step)?
+        }
+        Device::Cuda => {
+            let eng = args.engine.open_cuda(MatmulMode::Tf32)?;
+            show(bench.describe(&eng)?);
+            bench.run_on_cuda(&eng, &mut on_step)?
+        }
+    };
     bar.finish_and_clear();
-    let step = median(step_seconds);
-    let flops = 3.0 * 2.0 * Network::new(config).forward_macs(args.crop) as f64 * images as f64;
-    Ok(StepTiming {
-        engine: eng.name(),
-        precision: eng.precision(),
-        images_per_step: images,
-        median_step_ms: step * 1e3,
-        images_per_s: images as f64 / step,
-        flops_per_s: flops / step,
-        update_share: median(update_share),
-    })
+    print_step_timing(&timing, args.json)
 }
 
-/// Prints the timing; on a GPU also the peak device memory and the achieved share of the
-/// device's measured matrix rate.
-fn print_timing(args: &BenchStepArgs, t: &StepTiming, gpu: Option<(u64, f64)>) -> Result<()> {
-    if args.json {
-        let mut value = serde_json::to_value(t)?;
-        if let Some((peak, rate)) = gpu {
-            value["gpu_mem_bytes"] = peak.into();
-            value["gpu_matmul_flops_per_s"] = rate.into();
-        }
-        println!("{value}");
+fn print_step_timing(t: &StepTiming, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(t)?);
         return Ok(());
     }
     println!("median step      {:>10.1} ms", t.median_step_ms);
@@ -206,13 +145,15 @@ fn print_timing(args: &BenchStepArgs, t: &StepTiming, gpu: Option<(u64, f64)>) -
         "GFLOP/s          {:>10.1} (forward + backward, convolutions and linear layers)",
         t.flops_per_s / 1e9
     );
-    if let Some((peak, rate)) = gpu {
+    if let Some(rate) = t.matmul_rate {
         println!(
             "matmul ceiling   {:>10.1} GFLOP/s measured ({} sgemm 8192^3): the step reaches {:.1} %",
             rate / 1e9,
             t.precision,
             100.0 * t.flops_per_s / rate
         );
+    }
+    if let Some(peak) = t.peak_memory_bytes {
         println!(
             "GPU memory peak  {:>10.2} GiB (the stream-ordered pool's high-water mark)",
             peak as f64 / (1u64 << 30) as f64
@@ -222,5 +163,121 @@ fn print_timing(args: &BenchStepArgs, t: &StepTiming, gpu: Option<(u64, f64)>) -
         "AGS + SGD share  {:>10.2} % of the step",
         100.0 * t.update_share
     );
+    Ok(())
+}
+
+fn kernels(args: &BenchKernelsArgs) -> Result<()> {
+    args.bench.validate()?;
+    let eng = CudaEngine::new(args.gpu).context("slam bench kernels needs a CUDA GPU")?;
+    let (major, minor) = eng.compute_capability();
+    let (dmaj, dmin) = eng.driver_version()?;
+    let sources: Vec<String> = eng
+        .kernel_sources()
+        .iter()
+        .map(|(name, source)| format!("{name}.cu: {source:?}"))
+        .collect();
+    println!(
+        "bench kernels: {} (sm_{major}{minor}, {} SMs), driver CUDA {dmaj}.{dmin}; {}",
+        eng.device_name(),
+        eng.sm_count(),
+        sources.join(", ")
+    );
+    println!(
+        "median and fastest of {} runs after {} warm-up runs, each timed with CUDA events \
+         behind two untimed runs",
+        args.bench.runs, args.bench.warmup
+    );
+    print_kernel_rows(&args.bench.run(&eng)?);
+    Ok(())
+}
+
+/// The table: each row's GB/s and share of the copy bandwidth (the first row), its TFLOP/s.
+fn print_kernel_rows(rows: &[KernelRow]) {
+    let copy_gbs = rows[0].bytes.unwrap_or(0.0) / rows[0].median_us / 1e3;
+    println!(
+        "{:<42} {:>22} {:>10} {:>10} {:>10} {:>9} {:>10}",
+        "op", "size", "median us", "min us", "GB/s", "% copy", "TFLOP/s"
+    );
+    for row in rows {
+        let gbs = row.bytes.map(|b| b / row.median_us / 1e3);
+        let cell =
+            |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+        println!(
+            "{:<42} {:>22} {:>10.1} {:>10.1} {:>10} {:>9} {:>10}",
+            row.name,
+            row.size,
+            row.median_us,
+            row.min_us,
+            cell(gbs, 0),
+            cell(gbs.map(|g| 100.0 * g / copy_gbs), 1),
+            cell(row.flops.map(|f| f / row.median_us / 1e6), 2),
+        );
+    }
+    println!(
+        "GB/s counts the bytes each pass must move (every input read once, every output written \
+         once); the copy counts bytes read + written. A convolution's FLOPs are 2 x its \
+         multiply-adds (im2col's unfolding and zero padding not counted)."
+    );
+}
+
+fn e2e(args: &BenchE2eArgs) -> Result<()> {
+    let bench = &args.bench;
+    args.engine.check_views(&args.views)?;
+    let bar = steps_bar(
+        bench.warmup + bench.steps,
+        "e2e [{bar:30}] {pos}/{len} steps {msg}",
+    )?;
+    let mut on_step = |log: &crate::pretrain::StepLog| {
+        bar.set_message(format!("{:.0} images/s", log.images_per_s));
+        bar.inc(1);
+    };
+    let timing = with_engine!(args.engine, MatmulMode::Tf32, |eng| {
+        bench.run(eng, &args.views, &mut on_step)
+    })?;
+    bar.finish_and_clear();
+    let net = bench.net.resolve()?;
+    let device = args.engine.device;
+    let result = serde_json::json!({
+        "engine": device.name(),
+        "compute": timing.precision,
+        "views": match device {
+            Device::Cpu => "host".to_owned(),
+            Device::Cuda => format!("{:?}", args.views.views).to_lowercase(),
+        },
+        "images_per_step": timing.images_per_step,
+        "median_step_ms": timing.median_step_ms,
+        "images_per_s": timing.images_per_s,
+        "gpu_mem_bytes": timing.peak_memory_bytes,
+        "patches": bench.patches,
+        "patch_size": bench.patch_size,
+        "crop": bench.crop,
+        "batch": bench.batch,
+        "network": net.to_string(),
+    });
+    if args.json {
+        println!("{result}");
+        return Ok(());
+    }
+    println!(
+        "bench e2e: {net}, crop {} from {}px patches, batch {} ({} images per step), {} engine ({})",
+        bench.crop,
+        bench.patch_size,
+        bench.batch,
+        timing.images_per_step,
+        device.name(),
+        timing.precision
+    );
+    println!(
+        "synthetic store  {:>10.1} s for {} patches",
+        timing.synth_seconds, timing.store_patches
+    );
+    println!("median step      {:>10.1} ms", timing.median_step_ms);
+    println!("images/s         {:>10.1}", timing.images_per_s);
+    if let Some(bytes) = timing.peak_memory_bytes {
+        println!(
+            "GPU memory peak  {:>10.2} GiB",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     Ok(())
 }

@@ -1,17 +1,15 @@
 //! `slam embed`: every patch of a store through a trained model, features to a file.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Result, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::args::{EngineArgs, Matmul, with_engine};
-use crate::checkpoint;
+use super::args::{EngineArgs, with_engine};
 use crate::data::PatchStore;
-use crate::embed::{self, FeatureKind};
-use crate::model::ModelState;
-use crate::pretrain::{self, PretrainConfig};
+use crate::embed::{self, FeatureKind, load_model};
+use crate::engine::cuda::MatmulMode;
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
@@ -47,17 +45,6 @@ pub struct EmbedArgs {
     pub force: bool,
 }
 
-/// The model of a run folder or checkpoint file, and the crop it was trained at if known.
-pub fn load_model(path: &Path) -> Result<(ModelState, Option<usize>)> {
-    if path.is_dir() {
-        let config = PretrainConfig::from_toml_file(&path.join(pretrain::CONFIG_FILE))?;
-        let state = checkpoint::load(&path.join(pretrain::MODEL_FILE))?;
-        Ok((state, Some(config.crop)))
-    } else {
-        Ok((checkpoint::load(path)?, None))
-    }
-}
-
 pub fn run(args: &EmbedArgs) -> Result<()> {
     ensure!(
         args.force || !args.out.exists(),
@@ -75,7 +62,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         ProgressStyle::with_template("embed [{bar:30}] {pos}/{len} patches {per_sec} (eta {eta})")?
             .progress_chars("=> "),
     );
-    let embeddings = with_engine!(args.engine, Matmul::Tf32, |eng| embed::embed(
+    let embeddings = with_engine!(args.engine, MatmulMode::Tf32, |eng| embed::embed(
         eng,
         &state,
         &store,

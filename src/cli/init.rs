@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Result, ensure};
 use clap::Args;
 
-use super::args::ArchArgs;
 use crate::checkpoint;
-use crate::model::{ModelState, Network};
+use crate::model::{ModelState, NetSpec, Network};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
@@ -21,7 +20,7 @@ pub struct InitArgs {
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
-    pub arch: ArchArgs,
+    pub net: NetSpec,
     /// Seed of the initialization; the same seed gives the same parameters.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -36,7 +35,7 @@ pub fn run(args: &InitArgs) -> Result<()> {
         "{} exists; pass --force to replace it",
         args.out.display()
     );
-    let config = args.arch.config()?;
+    let config = args.net.resolve()?;
     let state = ModelState::init(config, args.seed)?;
     checkpoint::save(&args.out, &state)?;
     let net = Network::new(config);

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, ensure};
 use clap::{Args, Subcommand};
 
 use crate::embed::Embeddings;
-use crate::mil::{self, Adam, Evaluation, MilHead, MilTrainConfig, report};
+use crate::mil::{Adam, Evaluation, MilBag, MilHead, MilTrainConfig, report};
 
 #[derive(Subcommand, Debug)]
 pub enum MilCommand {
@@ -128,7 +128,7 @@ fn train(args: &MilTrainArgs) -> Result<()> {
         },
         seed: args.seed,
     };
-    let bags = embeddings.mil_bags();
+    let bags = MilBag::from_embeddings(&embeddings);
     let sizes = (args.hidden, args.attention);
     let head = MilHead::train(&bags, embeddings.dim, sizes, &config, |log| {
         if log.epoch % 10 == 9 || log.epoch + 1 == config.epochs {
@@ -144,7 +144,10 @@ fn train(args: &MilTrainArgs) -> Result<()> {
     report::save_model(&path, &head)?;
     println!("trained on {} bags: {}", bags.len(), path.display());
     if let Some(test) = &test {
-        evaluate_into(&args.out, &head, test, args.eval.top_k)?;
+        print_evaluation(
+            &args.out,
+            &report::evaluate(&args.out, &head, test, args.eval.top_k)?,
+        );
     }
     Ok(())
 }
@@ -160,21 +163,13 @@ fn eval(args: &MilEvalArgs) -> Result<()> {
         head.model.config.input_dim
     );
     prepare_out(&args.out, args.eval.force)?;
-    evaluate_into(&args.out, &head, &embeddings, args.eval.top_k)?;
+    let evaluation = report::evaluate(&args.out, &head, &embeddings, args.eval.top_k)?;
+    print_evaluation(&args.out, &evaluation);
     Ok(())
 }
 
-/// Predicts every bag, writes the reports into `dir` and prints the metrics.
-pub fn evaluate_into(
-    dir: &Path,
-    head: &MilHead,
-    embeddings: &Embeddings,
-    top_k: usize,
-) -> Result<Evaluation> {
-    let bags = embeddings.mil_bags();
-    let predictions: Vec<_> = bags.iter().map(|b| head.predict(b)).collect();
-    let evaluation = mil::evaluate(&bags, &predictions, top_k);
-    report::write_evaluation(dir, embeddings, &predictions, &evaluation)?;
+/// Prints the metrics of an evaluation whose reports are in `dir`.
+pub fn print_evaluation(dir: &Path, evaluation: &Evaluation) {
     let m = &evaluation.metrics;
     let auc = m
         .auc
@@ -191,5 +186,4 @@ pub fn evaluate_into(
         );
     }
     println!("reports: {}", dir.display());
-    Ok(evaluation)
 }

@@ -12,13 +12,14 @@ mod inspect;
 mod mil;
 mod pack;
 mod pretrain;
+mod progress;
 mod synth;
 mod tile;
 
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -83,7 +84,7 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-fn run(cli: &Cli) -> Result<()> {
+fn run(cli: &Cli, matches: &ArgMatches) -> Result<()> {
     if let Some(threads) = cli.threads {
         anyhow::ensure!(threads > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new()
@@ -98,7 +99,12 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Bags(args) => bags::run(args),
         Command::Tile(args) => tile::run(args),
         Command::Inspect(args) => inspect::run(args),
-        Command::Pretrain(args) => pretrain::run(args),
+        Command::Pretrain(args) => {
+            let sub = matches
+                .subcommand_matches("pretrain")
+                .expect("the pretrain command");
+            pretrain::run(args, sub)
+        }
         Command::Embed(args) => embed::run(args),
         Command::Mil(cmd) => mil::run(cmd),
         Command::Init(args) => init::run(args),
@@ -109,8 +115,11 @@ fn run(cli: &Cli) -> Result<()> {
 
 /// Runs the command line; errors are printed with their causes and give exit status 1.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(&cli) {
+    // The matches are kept beside the parsed flags: `slam pretrain` asks which settings were
+    // given on the command line (they override its config file).
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(&cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -1,19 +1,15 @@
 //! `slam pretrain`: a pretraining run from a patch store, with metrics, checkpoints and resume.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, ensure};
-use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::{Result, ensure};
+use clap::{ArgMatches, Args};
 
-use super::args::{Device, EngineArgs, GpuViewArgs, Matmul};
-use crate::data::input::sampler::SamplerMode;
-use crate::engine::Engine;
-use crate::engine::cpu::CpuEngine;
-use crate::model::Surgery;
-use crate::pretrain::{self, EpochLog, Objective, Observer, PretrainConfig, Run, StepLog};
+use super::args::{EngineArgs, with_engine};
+use super::progress::Progress;
+use crate::engine::cuda::MatmulMode;
+use crate::feed::ViewSettings;
+use crate::pretrain::{self, PretrainConfig, Run, Start};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
@@ -50,127 +46,83 @@ pub struct PretrainArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
-    pub gpu_views: GpuViewArgs,
-    /// Architecture: resnet18 (the reference), resnet10 or resnet34.
-    #[arg(long)]
-    pub arch: Option<String>,
-    /// Channels of the stem and first stage (the reference: 64).
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// BasicBlocks per stage, e.g. 2,2,2,2.
-    #[arg(long, value_delimiter = ',')]
-    pub blocks: Option<Vec<usize>>,
-    /// Size of the projector output z (the reference: 512).
-    #[arg(long)]
-    pub out_dim: Option<usize>,
-    /// Patches per step, split between abnormal-bag and normal-bag patches by pool size.
-    #[arg(long)]
-    pub batch: Option<usize>,
-    #[arg(long)]
-    pub epochs: Option<u32>,
-    /// Epochs of linear learning-rate warm-up before the cosine decay.
-    #[arg(long)]
-    pub warmup_epochs: Option<u32>,
-    /// Stop after this many steps in all (the schedule still spans --epochs).
-    #[arg(long)]
-    pub max_steps: Option<u64>,
-    #[arg(long)]
-    pub lr: Option<f32>,
-    #[arg(long)]
-    pub momentum: Option<f32>,
-    #[arg(long)]
-    pub weight_decay: Option<f32>,
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    /// Side of the random (and center) crops fed to the network.
-    #[arg(long)]
-    pub crop: Option<usize>,
-    /// How the two task gradients are combined.
-    #[arg(long, value_enum)]
-    pub surgery: Option<Surgery>,
-    /// slam (both tasks, slide labels) or simclr (contrastive only, no labels).
-    #[arg(long, value_enum)]
-    pub objective: Option<Objective>,
-    /// disjoint (every patch once per epoch) or sliding (the reference's overlapping batches).
-    #[arg(long, value_enum)]
-    pub sampler: Option<SamplerMode>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Steps between checkpoints.
-    #[arg(long)]
-    pub checkpoint_every: Option<u64>,
-}
-
-/// Applies every given setting flag to a config (or, with `None`, lists the given ones).
-macro_rules! settings {
-    ($args:expr, $config:expr, $given:expr; $($field:ident),*; $($optional:ident),*) => {{
-        $(if let Some(value) = &$args.$field {
-            $given.push(stringify!($field));
-            if let Some(c) = $config.as_mut() {
-                c.$field = value.clone();
-            }
-        })*
-        $(if $args.$optional.is_some() {
-            $given.push(stringify!($optional));
-            if let Some(c) = $config.as_mut() {
-                c.$optional = $args.$optional.clone();
-            }
-        })*
-    }};
+    pub views: ViewSettings,
+    #[command(flatten)]
+    pub settings: PretrainConfig,
 }
 
 impl PretrainArgs {
-    /// Applies the setting flags to `config` (when given); returns the names of those set.
-    fn apply(&self, mut config: Option<&mut PretrainConfig>) -> Vec<&'static str> {
-        let mut given = Vec::new();
-        settings!(self, config, given;
-            store, arch, batch, epochs, warmup_epochs, lr, momentum, weight_decay,
-            temperature, crop, surgery, objective, sampler, seed, checkpoint_every;
-            width, out_dim, max_steps);
-        given
+    /// The settings given on the command line (the store among them).
+    fn given(matches: &ArgMatches) -> Vec<String> {
+        PretrainConfig::keys()
+            .into_iter()
+            .filter(|key| matches.value_source(key) == Some(clap::parser::ValueSource::CommandLine))
+            .collect()
     }
 
     /// Defaults, then the config file, then the flags.
-    fn config(&self) -> Result<PretrainConfig> {
-        let mut c = match &self.config {
+    fn config(&self, given: &[String]) -> Result<PretrainConfig> {
+        let base = match &self.config {
             Some(path) => PretrainConfig::from_toml_file(path)?,
             None => PretrainConfig::default(),
         };
-        self.apply(Some(&mut c));
-        if let Some(blocks) = &self.blocks {
-            c.blocks = Some(blocks.as_slice().try_into().map_err(|_| {
-                anyhow::anyhow!("--blocks takes 4 numbers (one per stage), got {blocks:?}")
-            })?);
-        }
-        c.validate()?;
-        Ok(c)
+        let flags = PretrainConfig {
+            store: self.store.clone().unwrap_or_default(),
+            ..self.settings.clone()
+        };
+        let given: Vec<&str> = given.iter().map(String::as_str).collect();
+        let config = base.overridden_by(&flags, &given)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The run to start: a new one (--out), or the one in --resume, which keeps its settings.
+    fn start(&self, matches: &ArgMatches) -> Result<Start> {
+        let mut given = Self::given(matches);
+        Ok(match (&self.resume, &self.out) {
+            (Some(dir), _) => {
+                given.retain(|name| name != "max_steps");
+                ensure!(
+                    given.is_empty(),
+                    "a resumed run keeps its settings (from {}); only --max-steps, --device, \
+                     --matmul and --threads may be given, not --{}",
+                    dir.join(pretrain::CONFIG_FILE).display(),
+                    given.join(", --").replace('_', "-")
+                );
+                Start::Resume {
+                    dir: dir.clone(),
+                    max_steps: self.settings.max_steps,
+                }
+            }
+            (None, Some(out)) => Start::New {
+                dir: out.clone(),
+                config: self.config(&given)?,
+            },
+            (None, None) => unreachable!("clap requires --out or --resume"),
+        })
     }
 }
 
-pub fn run(args: &PretrainArgs) -> Result<()> {
+pub fn run(args: &PretrainArgs, matches: &ArgMatches) -> Result<()> {
     // First, so that a signal during the set-up also ends in a clean stop.
     let mut progress = Progress::new();
     progress.stop_on_signals()?;
-    args.engine.check()?;
-    args.gpu_views.check(&args.engine)?;
-    let (run, state) = match args.engine.device {
-        Device::Cpu => {
-            let eng = &CpuEngine;
-            let mut run = open_run(eng, args)?;
-            let state = run.train(eng, &mut progress)?;
-            (run, state)
+    args.engine.check_views(&args.views)?;
+    let start = args.start(matches)?;
+    let resuming = matches!(start, Start::Resume { .. });
+    let (run, state) = with_engine!(args.engine, MatmulMode::Tf32, |eng| {
+        let mut run = Run::start(eng, start)?;
+        if resuming {
+            eprintln!("resuming {} at step {}", run.dir.display(), run.step());
         }
-        Device::Cuda => {
-            let eng = args.engine.open_cuda(Matmul::Tf32)?;
-            let mut run = open_run(&eng, args)?;
-            let state = args.gpu_views.train(&eng, &mut run, &mut progress)?;
-            (run, state)
-        }
-    };
+        let state = run.train_fed(eng, &args.views, &mut progress)?;
+        (run, state)
+    });
     progress.bar.finish_and_clear();
     ensure!(
         run.step() == run.end_step(),
-        "stopped on request at step {} of {}, after writing a checkpoint; continue with          `slam pretrain --resume {}`",
+        "stopped on request at step {} of {}, after writing a checkpoint; continue with \
+         `slam pretrain --resume {}`",
         run.step(),
         run.end_step(),
         run.dir.display()
@@ -185,128 +137,4 @@ pub fn run(args: &PretrainArgs) -> Result<()> {
         model.display()
     );
     Ok(())
-}
-
-/// The progress bar: losses, gradient cosine and speed; a line per epoch and checkpoint.
-/// With [`Progress::stop_on_signals`], SIGINT and SIGTERM ask the run to stop cleanly.
-pub struct Progress {
-    pub bar: ProgressBar,
-    stop: Arc<AtomicBool>,
-}
-
-impl Progress {
-    /// Makes SIGINT (Ctrl-C) and SIGTERM request a clean stop (checkpoint, then exit)
-    /// instead of killing the process.
-    pub fn stop_on_signals(&mut self) -> Result<()> {
-        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(signal, Arc::clone(&self.stop))
-                .context("cannot install the signal handlers")?;
-        }
-        Ok(())
-    }
-
-    pub fn new() -> Self {
-        let style = ProgressStyle::with_template(
-            "{prefix} [{bar:25}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}",
-        )
-        .expect("a valid template")
-        .progress_chars("=> ");
-        Self {
-            bar: ProgressBar::new(0).with_style(style),
-            stop: Arc::new(AtomicBool::new(false)),
-        }
-    }
-}
-
-impl Default for Progress {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Observer for Progress {
-    fn started(&mut self, first_step: u64, end_step: u64, steps_per_epoch: u64) {
-        self.bar.set_length(end_step);
-        self.bar.set_position(first_step);
-        self.bar.reset_eta();
-        self.bar
-            .set_prefix(format!("pretrain ({steps_per_epoch} steps/epoch)"));
-    }
-
-    fn step(&mut self, log: &StepLog) {
-        let r = &log.report;
-        self.bar.set_message(format!(
-            "epoch {} | contrastive {:.4} cohesion {:.4} | cos {:+.3}{} | {:.1} img/s",
-            log.epoch,
-            r.loss_contrastive,
-            r.loss_cohesion,
-            r.combination.cosine,
-            if r.combination.fired {
-                " (surgery)"
-            } else {
-                ""
-            },
-            log.images_per_s
-        ));
-        self.bar.inc(1);
-    }
-
-    fn epoch(&mut self, log: &EpochLog) {
-        // println is dropped when the bar is hidden (stderr not a terminal); suspend is not.
-        self.bar.suspend(|| eprintln!(
-            "epoch {:>4}: contrastive {:.4}, cohesion {:.4}, mean cosine {:+.3}, surgery on {:.0}% of steps, {:.1} img/s",
-            log.epoch,
-            log.loss_contrastive,
-            log.loss_cohesion,
-            log.cosine,
-            100.0 * log.fired,
-            log.images_per_s
-        ));
-    }
-
-    fn checkpoint(&mut self, step: u64, path: &Path) {
-        self.bar
-            .suspend(|| eprintln!("step {step}: checkpoint {}", path.display()));
-    }
-
-    fn warn(&mut self, message: &str) {
-        self.bar.suspend(|| eprintln!("warning: {message}"));
-    }
-
-    fn stop_requested(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-}
-
-/// The run --out starts or --resume continues, checked against `eng`'s memory.
-fn open_run<E: Engine>(eng: &E, args: &PretrainArgs) -> Result<Run> {
-    let run = match (&args.resume, &args.out) {
-        (Some(dir), _) => {
-            let mut changed = args.apply(None);
-            changed.retain(|&name| name != "max_steps");
-            if args.blocks.is_some() {
-                changed.push("blocks");
-            }
-            ensure!(
-                changed.is_empty(),
-                "a resumed run keeps its settings (from {}); only --max-steps, --device, \
-                 --matmul and --threads may be given, not --{}",
-                dir.join(pretrain::CONFIG_FILE).display(),
-                changed.join(", --").replace('_', "-")
-            );
-            let run = Run::resume(eng, dir, args.max_steps)?;
-            eprintln!("resuming {} at step {}", dir.display(), run.step());
-            run
-        }
-        (None, Some(out)) => Run::create(eng, out, args.config()?)?,
-        (None, None) => unreachable!("clap requires --out or --resume"),
-    };
-    // A run killed between its last checkpoint and the final model still gets the model.
-    ensure!(
-        run.step() < run.end_step() || !run.dir.join(pretrain::MODEL_FILE).exists(),
-        "the run in {} is already complete ({} steps); pass a larger --max-steps to go on",
-        run.dir.display(),
-        run.step()
-    );
-    Ok(run)
 }

@@ -33,21 +33,8 @@ pub struct SynthArgs {
     /// Side of the square patches in pixels (the bone-marrow data: 250).
     #[arg(long, default_value_t = 250)]
     pub patch_size: usize,
-    /// Bags in total, over both splits.
-    #[arg(long, default_value_t = 20)]
-    pub bags: usize,
-    /// Cells per bag.
-    #[arg(long, default_value_t = 100)]
-    pub bag_size: usize,
-    /// Abnormal cells / cells in an abnormal bag.
-    #[arg(long, default_value_t = 0.1)]
-    pub witness_rate: f64,
-    /// Share of the bags that are abnormal.
-    #[arg(long, default_value_t = 0.5)]
-    pub abnormal_fraction: f64,
-    /// Share of each label's bags for training; the rest are for testing.
-    #[arg(long, default_value_t = 0.5)]
-    pub split: f64,
+    #[command(flatten)]
+    pub plan: BagPlanConfig,
     /// Seed of the bag plan and of every patch.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -65,12 +52,8 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         seed: args.seed,
     };
     let plan = BagPlanConfig {
-        bags: args.bags,
-        bag_size: args.bag_size,
-        witness_rate: args.witness_rate,
-        abnormal_fraction: args.abnormal_fraction,
-        train_fraction: args.split,
         seed: args.seed,
+        ..args.plan.clone()
     };
     // Checked before the overwrite test so bad values are reported first.
     synth.validate()?;
@@ -94,7 +77,7 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         bail!("{} {verb}; pass --force to replace", existing.join(" and "));
     }
 
-    let total = args.bags.saturating_mul(args.bag_size);
+    let total = plan.bags.saturating_mul(plan.bag_size);
     let bar = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template("rendering [{bar:30}] {pos}/{len} patches, {per_sec}")?
             .progress_chars("=> "),
@@ -111,12 +94,12 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     println!(
         "synthetic cytology, seed {}: {} bags of {} cells, {} patches; {abnormal_bags} abnormal bags at witness rate {:.4} ({} of {} cells abnormal)",
         args.seed,
-        args.bags,
-        args.bag_size,
+        plan.bags,
+        plan.bag_size,
         dataset.train.patch_size,
-        dataset.witnesses_per_bag as f64 / args.bag_size as f64,
+        dataset.witnesses_per_bag as f64 / plan.bag_size as f64,
         dataset.witnesses_per_bag,
-        args.bag_size,
+        plan.bag_size,
     );
     let line = |name: &str, path: &PathBuf, s: &StoreSummary| {
         println!(

@@ -102,6 +102,17 @@ pub trait Backend: Sized + Sync {
         Ok(Memory::Host)
     }
 
+    /// Restarts the count of [`Backend::peak_memory_bytes`].
+    fn reset_peak_memory(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The most device memory the engine's buffers have taken since it started or since
+    /// [`Backend::reset_peak_memory`], where the engine keeps count (None on the host).
+    fn peak_memory_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// The arithmetic of the convolutions' and linear layers' products: "f32", or the
     /// tensor-core input rounding ("tf32", "bf16") an engine was asked for.
     fn precision(&self) -> &'static str {

@@ -7,6 +7,8 @@ pub mod model;
 pub mod report;
 
 use rand::SeedableRng;
+
+use crate::embed::Embeddings;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
@@ -29,6 +31,23 @@ pub struct MilBag {
 impl MilBag {
     pub fn len(&self, dim: usize) -> usize {
         self.features.len() / dim
+    }
+
+    /// The bags of an embeddings file (f64 features; instance truth when known for every
+    /// patch).
+    pub fn from_embeddings(e: &Embeddings) -> Vec<MilBag> {
+        e.bags
+            .iter()
+            .map(|bag| MilBag {
+                name: bag.name.clone(),
+                label: bag.label.is_abnormal(),
+                features: e.features[bag.patches.start * e.dim..bag.patches.end * e.dim]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect(),
+                truth: e.instances[bag.patches.clone()].iter().copied().collect(),
+            })
+            .collect()
     }
 }
 

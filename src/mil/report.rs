@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 
-use super::{AbMil, BagPrediction, Evaluation, MilConfig, MilHead, Standardizer};
+use super::{AbMil, BagPrediction, Evaluation, MilBag, MilConfig, MilHead, Standardizer};
 use crate::atomic::write_atomic;
 use crate::checkpoint::{TensorFile, TensorWriter};
 use crate::embed::Embeddings;
@@ -65,6 +65,21 @@ pub fn load_model(path: &Path) -> Result<MilHead> {
         model,
         params,
     })
+}
+
+/// Predicts every bag of `embeddings` with `head`, evaluates the predictions (retrieval in the
+/// top `top_k`) and writes the reports into `dir`.
+pub fn evaluate(
+    dir: &Path,
+    head: &MilHead,
+    embeddings: &Embeddings,
+    top_k: usize,
+) -> Result<Evaluation> {
+    let bags = MilBag::from_embeddings(embeddings);
+    let predictions: Vec<_> = bags.iter().map(|b| head.predict(b)).collect();
+    let evaluation = super::evaluate(&bags, &predictions, top_k);
+    write_evaluation(dir, embeddings, &predictions, &evaluation)?;
+    Ok(evaluation)
 }
 
 /// Writes predictions, attention and metrics of `embeddings` into `dir`.

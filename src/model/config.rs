@@ -2,6 +2,7 @@
 //! followed by the SLAM-AGS projector.
 
 use anyhow::{Result, bail, ensure};
+use clap::Args;
 use serde::{Deserialize, Serialize};
 
 /// ResNet stages; each doubles the channels and (after the first) halves the resolution.
@@ -67,6 +68,57 @@ impl NetConfig {
     /// Width of the encoder output `h` (and of the projector's hidden layer).
     pub fn feature_dim(&self) -> usize {
         self.stage_channels(STAGES - 1)
+    }
+}
+
+/// The network shape as a command or a config file gives it: a named architecture, reshaped
+/// by any of the overrides. The flags and the config keys of every command that builds a
+/// network.
+#[derive(Args, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetSpec {
+    /// Architecture: resnet18 (the reference), resnet10 or resnet34.
+    #[arg(long, default_value_t = NetSpec::default().arch)]
+    pub arch: String,
+    /// Channels of the stem and first stage (the reference: 64); overrides the preset's.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// BasicBlocks in each of the four stages, e.g. 2,2,2,2; overrides the preset's.
+    #[arg(long, value_delimiter = ',')]
+    pub blocks: Option<Vec<usize>>,
+    /// Size of the projector's output z (the reference: 512); overrides the preset's.
+    #[arg(long)]
+    pub out_dim: Option<usize>,
+}
+
+impl Default for NetSpec {
+    fn default() -> Self {
+        Self {
+            arch: "resnet18".into(),
+            width: None,
+            blocks: None,
+            out_dim: None,
+        }
+    }
+}
+
+impl NetSpec {
+    /// The shape these settings name, checked.
+    pub fn resolve(&self) -> Result<NetConfig> {
+        let mut net = NetConfig::named(&self.arch)?;
+        if let Some(width) = self.width {
+            net.width = width;
+        }
+        if let Some(blocks) = &self.blocks {
+            net.blocks = blocks.as_slice().try_into().map_err(|_| {
+                anyhow::anyhow!("blocks takes 4 numbers (one per stage), got {blocks:?}")
+            })?;
+        }
+        if let Some(out_dim) = self.out_dim {
+            net.out_dim = out_dim;
+        }
+        net.validate()?;
+        Ok(net)
     }
 }
 

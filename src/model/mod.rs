@@ -10,9 +10,9 @@ pub mod state;
 pub mod step;
 pub mod surgery;
 
-pub use config::NetConfig;
+pub use config::{NetConfig, NetSpec};
 pub use network::Network;
 pub use passes::Activations;
 pub use state::ModelState;
-pub use step::{HostBatch, StepBatch, StepConfig, StepReport, Trainer};
+pub use step::{StepBatch, StepConfig, StepReport, Trainer};
 pub use surgery::Surgery;

@@ -1,40 +1,8 @@
-//! PyTorch's SGD with momentum and weight decay, and the warmup + cosine schedule.
+//! The learning-rate schedule: warm-up, then cosine decay. (PyTorch's SGD itself is the
+//! engines' fused update, [`crate::engine::SgdUpdate`]; its hyper-parameters are the step's,
+//! [`crate::model::StepConfig`].)
 
 use serde::{Deserialize, Serialize};
-
-use crate::engine::SgdUpdate;
-use crate::model::surgery::Combination;
-
-/// SGD hyper-parameters (the reference's defaults).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Sgd {
-    pub lr: f32,
-    pub momentum: f32,
-    pub weight_decay: f32,
-}
-
-impl Default for Sgd {
-    fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            momentum: 0.9,
-            weight_decay: 1e-4,
-        }
-    }
-}
-
-impl Sgd {
-    /// The fused update for one step at learning rate `lr` with the surgery's combination.
-    pub fn update(&self, lr: f64, c: &Combination) -> SgdUpdate {
-        SgdUpdate {
-            alpha: c.alpha as f32,
-            beta: c.beta as f32,
-            lr: lr as f32,
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
-        }
-    }
-}
 
 /// Learning rate per epoch: linear warmup `lr (e+1)/W` for the first `W` epochs, then cosine
 /// decay `lr/2 (1 + cos(pi (e-W)/(E-W)))` over the remaining `E - W`.

@@ -4,94 +4,13 @@
 use std::time::Instant;
 
 use anyhow::{Result, ensure};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::network::Network;
-use super::optim::Sgd;
 use super::state::ModelState;
 use super::surgery::{Combination, Surgery};
-use crate::engine::{Engine, GradDots, LossViews, SgdBuffers, ViewPair, nchw_to_cnhw};
-
-/// The four views of one step on the host, each `[n, 3, crop, crop]` as PyTorch holds them.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostBatch {
-    pub pos_i: Vec<f32>,
-    pub pos_j: Vec<f32>,
-    pub neg_i: Vec<f32>,
-    pub neg_j: Vec<f32>,
-    pub n_pos: usize,
-    pub n_neg: usize,
-    pub crop: usize,
-}
-
-impl HostBatch {
-    /// The views as `(name, images, data)`, in the order of the step's forward passes.
-    pub fn views(&self) -> [(&'static str, usize, &[f32]); 4] {
-        [
-            ("pos_i", self.n_pos, &self.pos_i),
-            ("pos_j", self.n_pos, &self.pos_j),
-            ("neg_i", self.n_neg, &self.neg_i),
-            ("neg_j", self.n_neg, &self.neg_j),
-        ]
-    }
-
-    /// Standard-normal views (what normalized images look like), the same for the same seed.
-    pub fn random(n_pos: usize, n_neg: usize, crop: usize, seed: u64) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut draw = |n: usize| -> Vec<f32> {
-            (0..n * 3 * crop * crop)
-                .map(|_| rng.sample::<f32, _>(StandardNormal))
-                .collect()
-        };
-        Self {
-            pos_i: draw(n_pos),
-            pos_j: draw(n_pos),
-            neg_i: draw(n_neg),
-            neg_j: draw(n_neg),
-            n_pos,
-            n_neg,
-            crop,
-        }
-    }
-
-    /// Checks sizes: every pass needs two images or more for batch norm. A batch without
-    /// negatives (`n_neg == 0`) trains the contrastive task alone (the SimCLR ablation).
-    pub fn validate(&self) -> Result<()> {
-        ensure!(self.crop > 0, "crop must be at least 1 pixel");
-        for (name, n, data) in self.views() {
-            ensure!(
-                n >= 2 || (n == 0 && name.starts_with("neg")),
-                "{name}: batch norm in training mode needs at least 2 images, got {n}"
-            );
-            ensure!(
-                data.len() == n * 3 * self.crop * self.crop,
-                "{name}: {} values do not make {n} images of 3 x {c} x {c}",
-                data.len(),
-                c = self.crop
-            );
-        }
-        Ok(())
-    }
-
-    /// The batch on `eng`, reordered to the engines' channel-major layout.
-    pub fn upload<E: Engine>(&self, eng: &E) -> Result<StepBatch<E>> {
-        self.validate()?;
-        let plane = self.crop * self.crop;
-        let up = |n: usize, data: &[f32]| eng.upload(&nchw_to_cnhw(data, n, 3, plane));
-        Ok(StepBatch {
-            pos_i: up(self.n_pos, &self.pos_i)?,
-            pos_j: up(self.n_pos, &self.pos_j)?,
-            neg_i: up(self.n_neg, &self.neg_i)?,
-            neg_j: up(self.n_neg, &self.neg_j)?,
-            n_pos: self.n_pos,
-            n_neg: self.n_neg,
-            crop: self.crop,
-        })
-    }
-}
+use crate::data::input::batch::HostBatch;
+use crate::engine::{Engine, GradDots, LossViews, SgdBuffers, SgdUpdate, ViewPair, nchw_to_cnhw};
 
 /// The four views of one step, each `[3, n, crop, crop]` channel-major on the engine.
 pub struct StepBatch<E: Engine> {
@@ -106,11 +25,43 @@ pub struct StepBatch<E: Engine> {
     pub crop: usize,
 }
 
-/// Hyper-parameters of a step.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+impl<E: Engine> StepBatch<E> {
+    /// The batch on `eng`, reordered to the engines' channel-major layout.
+    pub fn upload(eng: &E, host: &HostBatch) -> Result<Self> {
+        host.validate()?;
+        let plane = host.crop * host.crop;
+        let up = |n: usize, data: &[f32]| eng.upload(&nchw_to_cnhw(data, n, 3, plane));
+        Ok(Self {
+            pos_i: up(host.n_pos, &host.pos_i)?,
+            pos_j: up(host.n_pos, &host.pos_j)?,
+            neg_i: up(host.n_neg, &host.neg_i)?,
+            neg_j: up(host.n_neg, &host.neg_j)?,
+            n_pos: host.n_pos,
+            n_neg: host.n_neg,
+            crop: host.crop,
+        })
+    }
+}
+
+/// Hyper-parameters of a training step, the reference's by default: the flags and config
+/// keys of every command that runs steps.
+#[derive(clap::Args, Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StepConfig {
+    /// How the two task gradients are combined.
+    #[arg(long, value_enum, default_value_t = StepConfig::default().surgery)]
     pub surgery: Surgery,
-    pub sgd: Sgd,
+    /// Learning rate (the peak of the schedule in a pretraining run).
+    #[arg(long, default_value_t = StepConfig::default().lr)]
+    pub lr: f32,
+    /// SGD momentum.
+    #[arg(long, default_value_t = StepConfig::default().momentum)]
+    pub momentum: f32,
+    /// Weight decay on every parameter.
+    #[arg(long, default_value_t = StepConfig::default().weight_decay)]
+    pub weight_decay: f32,
+    /// Temperature of both losses.
+    #[arg(long, default_value_t = StepConfig::default().temperature)]
     pub temperature: f32,
 }
 
@@ -118,8 +69,61 @@ impl Default for StepConfig {
     fn default() -> Self {
         Self {
             surgery: Surgery::Ags,
-            sgd: Sgd::default(),
+            lr: 1e-3,
+            momentum: 0.9,
+            weight_decay: 1e-4,
             temperature: 0.07,
+        }
+    }
+}
+
+impl StepConfig {
+    /// Checks every value, naming the bad one.
+    pub fn validate(&self) -> Result<()> {
+        let floats = [
+            (
+                "lr",
+                self.lr,
+                self.lr >= 0.0,
+                "a finite non-negative number",
+            ),
+            (
+                "momentum",
+                self.momentum,
+                (0.0..1.0).contains(&self.momentum),
+                "in [0, 1)",
+            ),
+            (
+                "weight_decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "a finite non-negative number",
+            ),
+            (
+                "temperature",
+                self.temperature,
+                self.temperature > 0.0,
+                "positive",
+            ),
+        ];
+        for (name, value, ok, want) in floats {
+            ensure!(
+                value.is_finite() && ok,
+                "{name} must be {want}, got {value}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The fused SGD update (PyTorch's, with momentum and weight decay) for one step at
+    /// learning rate `lr` with the surgery's combination.
+    pub fn update(&self, lr: f64, c: &Combination) -> SgdUpdate {
+        SgdUpdate {
+            alpha: c.alpha as f32,
+            beta: c.beta as f32,
+            lr: lr as f32,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
         }
     }
 }
@@ -247,11 +251,7 @@ impl<E: Engine> Trainer<E> {
         lr: f64,
         combined: Option<&mut E::Buf>,
     ) -> Result<StepReport> {
-        ensure!(
-            cfg.temperature.is_finite() && cfg.temperature > 0.0,
-            "temperature must be positive, got {}",
-            cfg.temperature
-        );
+        cfg.validate()?;
         let t = cfg.temperature;
         let start = Instant::now();
         let pos = (&batch.pos_i, &batch.pos_j);
@@ -270,7 +270,7 @@ impl<E: Engine> Trainer<E> {
         let start = Instant::now();
         let dots: GradDots = eng.grad_dots(eng.all(&self.g1), eng.all(&self.g2))?;
         let combination = cfg.surgery.combine(dots);
-        let update = cfg.sgd.update(lr, &combination);
+        let update = cfg.update(lr, &combination);
         if let Some(out) = combined {
             let (g1, g2) = (eng.all(&self.g1), eng.all(&self.g2));
             let coefficients = (update.alpha, update.beta);

@@ -1,16 +1,17 @@
 //! A pretraining run's settings: the reference defaults, overridable by a TOML file and then
-//! by command-line flags. The resolved settings are written into the run folder and are
-//! what `--resume` continues with.
+//! by command-line flags. One struct is the flags, the config file and the resolved settings
+//! written into the run folder (what `--resume` continues with); validation lives here.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::data::input::augment::AugmentConfig;
 use crate::data::input::sampler::SamplerMode;
-use crate::model::optim::{Schedule, Sgd};
-use crate::model::{NetConfig, StepConfig, Surgery};
+use crate::model::optim::Schedule;
+use crate::model::{NetConfig, NetSpec, StepConfig};
 
 /// What the network learns from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -24,56 +25,59 @@ pub enum Objective {
     Simclr,
 }
 
-/// Every setting of a run. Field names are the TOML keys (and, with `-` for `_`, the flags).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// Every setting of a run. Field names are the TOML keys and, with `-` for `_`, the flags.
+#[derive(Args, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PretrainConfig {
-    /// The patch store to pretrain on.
+    /// The patch store to pretrain on (a positional argument of `slam pretrain`).
+    #[arg(skip)]
     pub store: PathBuf,
-    /// `resnet18`, `resnet10` or `resnet34`, reshaped by `width`, `blocks`, `out_dim`.
-    pub arch: String,
-    pub width: Option<usize>,
-    pub blocks: Option<[usize; 4]>,
-    pub out_dim: Option<usize>,
-    /// Patches per step, split between the pools by their sizes.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub net: NetSpec,
+    /// Patches per step, split between abnormal-bag and normal-bag patches by pool size.
+    #[arg(long, default_value_t = PretrainConfig::default().batch)]
     pub batch: usize,
+    /// Epochs the learning-rate schedule spans (the run's length without --max-steps).
+    #[arg(long, default_value_t = PretrainConfig::default().epochs)]
     pub epochs: u32,
+    /// Epochs of linear learning-rate warm-up before the cosine decay.
+    #[arg(long, default_value_t = PretrainConfig::default().warmup_epochs)]
     pub warmup_epochs: u32,
-    /// Stop after this many steps in all (the schedule still spans `epochs`).
+    /// Stop after this many steps in all (the schedule still spans --epochs).
+    #[arg(long)]
     pub max_steps: Option<u64>,
-    pub lr: f32,
-    pub momentum: f32,
-    pub weight_decay: f32,
-    pub temperature: f32,
-    /// Side of the square crops fed to the network.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub step: StepConfig,
+    /// Side of the random (and center) crops fed to the network.
+    #[arg(long, default_value_t = PretrainConfig::default().crop)]
     pub crop: usize,
-    pub surgery: Surgery,
+    /// slam (both tasks, slide labels) or simclr (contrastive only, no labels).
+    #[arg(long, value_enum, default_value_t = PretrainConfig::default().objective)]
     pub objective: Objective,
+    /// disjoint (every patch once per epoch) or sliding (the reference's overlapping batches).
+    #[arg(long, value_enum, default_value_t = PretrainConfig::default().sampler)]
     pub sampler: SamplerMode,
+    /// Seed of the initialization, the sampler and the augmentation.
+    #[arg(long, default_value_t = PretrainConfig::default().seed)]
     pub seed: u64,
     /// Steps between checkpoints (one is always written at the end).
+    #[arg(long, default_value_t = PretrainConfig::default().checkpoint_every)]
     pub checkpoint_every: u64,
 }
 
 impl Default for PretrainConfig {
     fn default() -> Self {
-        let step = StepConfig::default();
         Self {
             store: PathBuf::new(),
-            arch: "resnet18".into(),
-            width: None,
-            blocks: None,
-            out_dim: None,
+            net: NetSpec::default(),
             batch: 256,
             epochs: 150,
             warmup_epochs: 10,
             max_steps: None,
-            lr: step.sgd.lr,
-            momentum: step.sgd.momentum,
-            weight_decay: step.sgd.weight_decay,
-            temperature: step.temperature,
+            step: StepConfig::default(),
             crop: AugmentConfig::default().crop,
-            surgery: step.surgery,
             objective: Objective::Slam,
             sampler: SamplerMode::Disjoint,
             seed: 0,
@@ -87,43 +91,66 @@ impl PretrainConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("config {} is not valid", path.display()))
+        Self::from_toml(&text).with_context(|| format!("config {} is not valid", path.display()))
+    }
+
+    /// Settings from TOML text; unknown keys are errors.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        Self::from_table(toml::from_str(text)?)
     }
 
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string(self)?)
     }
 
-    pub fn net(&self) -> Result<NetConfig> {
-        let mut net = NetConfig::named(&self.arch)?;
-        if let Some(width) = self.width {
-            net.width = width;
-        }
-        if let Some(blocks) = self.blocks {
-            net.blocks = blocks;
-        }
-        if let Some(out_dim) = self.out_dim {
-            net.out_dim = out_dim;
-        }
-        net.validate()?;
-        Ok(net)
+    /// Every key a config file may hold: the flag names (with `_`) and `store`.
+    pub fn keys() -> Vec<String> {
+        let flags = Self::augment_args(clap::Command::new("pretrain"));
+        let mut keys: Vec<String> = flags
+            .get_arguments()
+            .map(|arg| arg.get_id().as_str().to_owned())
+            .collect();
+        keys.insert(0, "store".into());
+        keys
     }
 
-    pub fn step(&self) -> StepConfig {
-        StepConfig {
-            surgery: self.surgery,
-            sgd: Sgd {
-                lr: self.lr,
-                momentum: self.momentum,
-                weight_decay: self.weight_decay,
-            },
-            temperature: self.temperature,
+    /// Settings from a table of keys, refusing unknown ones (the sub-settings are flattened,
+    /// which serde cannot check by itself).
+    fn from_table(table: toml::Table) -> Result<Self> {
+        let keys = Self::keys();
+        if let Some(unknown) = table.keys().find(|k| !keys.contains(k)) {
+            bail!(
+                "unknown field `{unknown}`, expected one of {}",
+                keys.iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
+        Ok(table.try_into()?)
+    }
+
+    /// These settings with the values of `keys` taken from `other` (the flags a user gave,
+    /// over a config file's values).
+    pub fn overridden_by(&self, other: &Self, keys: &[&str]) -> Result<Self> {
+        let mut table = toml::Table::try_from(self)?;
+        let given = toml::Table::try_from(other)?;
+        for key in keys {
+            match given.get(*key) {
+                Some(value) => table.insert((*key).to_owned(), value.clone()),
+                None => table.remove(*key),
+            };
+        }
+        Self::from_table(table)
+    }
+
+    pub fn net(&self) -> Result<NetConfig> {
+        self.net.resolve()
     }
 
     pub fn schedule(&self) -> Schedule {
         Schedule {
-            base_lr: self.lr as f64,
+            base_lr: self.step.lr as f64,
             warmup_epochs: self.warmup_epochs,
             epochs: self.epochs,
         }
@@ -143,6 +170,7 @@ impl PretrainConfig {
             "no patch store given: pass one (`slam pretrain data/train.patches`) or set `store` in the config"
         );
         self.net()?;
+        self.step.validate()?;
         ensure!(
             self.batch >= 4,
             "batch must be at least 4, got {}",
@@ -161,19 +189,6 @@ impl PretrainConfig {
             "checkpoint_every must be at least 1"
         );
         ensure!(self.crop >= 1, "crop must be at least 1 pixel");
-        let floats = [
-            ("lr", self.lr, self.lr >= 0.0),
-            (
-                "momentum",
-                self.momentum,
-                (0.0..1.0).contains(&self.momentum),
-            ),
-            ("weight_decay", self.weight_decay, self.weight_decay >= 0.0),
-            ("temperature", self.temperature, self.temperature > 0.0),
-        ];
-        for (name, value, ok) in floats {
-            ensure!(value.is_finite() && ok, "{name} = {value} is out of range");
-        }
         Ok(())
     }
 }

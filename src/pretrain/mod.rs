@@ -10,7 +10,9 @@
 //! - `model.safetensors`: the final model;
 //! - `plots/losses.png`, `plots/conflict.png`: the losses and the gradient cosine per step.
 
+mod checkpoints;
 pub mod config;
+mod logs;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,17 +21,20 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
+use checkpoints::{checkpoint_dirs, latest_checkpoint, remove_staging_leftovers};
 pub use config::{Objective, PretrainConfig};
+pub use logs::{EpochLog, StepLog, write_plots};
+use logs::{line_field, open_log, truncate_log};
 
-use crate::atomic::{AtomicDir, AtomicFile, write_atomic};
+use crate::atomic::{AtomicDir, write_atomic};
 use crate::checkpoint::{self, TensorFile, TensorWriter};
 use crate::data::input::batch::{Augmenter, Views};
-use crate::data::input::sampler::{BalancedSampler, SampledBatch, SamplerPosition};
+use crate::data::input::sampler::{BalancedSampler, SamplerPosition};
 use crate::data::{BagLabel, PatchStore};
 use crate::engine::Engine;
+use crate::feed::{Feed, HostViews, ViewSettings, ViewSource};
 use crate::memory;
-use crate::model::{ModelState, Network, StepBatch, StepReport, Trainer};
-use crate::plots;
+use crate::model::{ModelState, Network, StepReport, Trainer};
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -42,31 +47,6 @@ const KEEP_CHECKPOINTS: usize = 2;
 /// Embeddings whose spread `embedding_std * sqrt(dim)` falls below this have collapsed
 /// (spread-out unit vectors give about 1).
 const COLLAPSE_SPREAD: f32 = 0.05;
-
-/// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize)]
-pub struct StepLog {
-    pub step: u64,
-    pub epoch: u64,
-    /// Images through the network per second (two views of every patch), including the
-    /// augmentation.
-    pub images_per_s: f64,
-    #[serde(flatten)]
-    pub report: StepReport,
-}
-
-/// One line of `epochs.jsonl`: means over the epoch's steps.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct EpochLog {
-    pub epoch: u64,
-    pub steps: u64,
-    pub loss_contrastive: f64,
-    pub loss_cohesion: f64,
-    pub cosine: f64,
-    /// Share of steps where the gradients conflicted and surgery projected them.
-    pub fired: f64,
-    pub images_per_s: f64,
-}
 
 /// What a run reports while it trains (the command line shows it).
 pub trait Observer {
@@ -107,39 +87,39 @@ pub struct Run {
     step_bytes: u64,
 }
 
-/// Where a step's four views come from: rendered from the sampled patches with the run's
-/// augmentation, on the engine, in its channel-major layout. Every source must render the
-/// same views for the same (seed, step, patches): the CPU augmentation is the reference.
-pub trait ViewSource<E: Engine> {
-    fn render(
-        &mut self,
-        eng: &E,
-        augmenter: &Augmenter,
-        store: &PatchStore,
-        sampled: &SampledBatch,
-        step: u64,
-        views: Views,
-    ) -> Result<StepBatch<E>>;
-}
-
-/// Views rendered on the host by the CPU augmentation, then uploaded.
-pub struct HostViews;
-
-impl<E: Engine> ViewSource<E> for HostViews {
-    fn render(
-        &mut self,
-        eng: &E,
-        augmenter: &Augmenter,
-        store: &PatchStore,
-        sampled: &SampledBatch,
-        step: u64,
-        views: Views,
-    ) -> Result<StepBatch<E>> {
-        augmenter.render(store, sampled, step, views)?.upload(eng)
-    }
+/// How a command starts training: a new run in a folder, or the run in a folder continued.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// A new run in `dir` (see [`Run::create`]).
+    New {
+        dir: PathBuf,
+        config: PretrainConfig,
+    },
+    /// The run in `dir` from its latest checkpoint; `max_steps` extends it (see
+    /// [`Run::resume`]).
+    Resume {
+        dir: PathBuf,
+        max_steps: Option<u64>,
+    },
 }
 
 impl Run {
+    /// Opens the run `start` names, refusing one that is already complete.
+    pub fn start<E: Engine>(eng: &E, start: Start) -> Result<Self> {
+        let run = match start {
+            Start::New { dir, config } => Self::create(eng, &dir, config)?,
+            Start::Resume { dir, max_steps } => Self::resume(eng, &dir, max_steps)?,
+        };
+        // A run killed between its last checkpoint and the final model still gets the model.
+        ensure!(
+            run.step() < run.end_step() || !run.dir.join(MODEL_FILE).exists(),
+            "the run in {} is already complete ({} steps); pass a larger --max-steps to go on",
+            run.dir.display(),
+            run.step()
+        );
+        Ok(run)
+    }
+
     /// Starts a new run in `dir` (created; must be empty or absent, apart from the staging
     /// files an interrupted start may have left).
     /// The step's memory is checked against what `eng` has (see [`crate::memory::available_for`]).
@@ -309,6 +289,18 @@ impl Run {
         self.train_with(eng, observer, &mut HostViews)
     }
 
+    /// [`Run::train`] with the views where `views` asks, on engines that can render them
+    /// themselves (see [`Feed`]).
+    pub fn train_fed<E: Feed>(
+        &mut self,
+        eng: &E,
+        views: &ViewSettings,
+        observer: &mut dyn Observer,
+    ) -> Result<ModelState> {
+        let mut source = eng.view_source(views, &self.store, self.config.batch, self.step_bytes)?;
+        self.train_with(eng, observer, &mut *source)
+    }
+
     /// [`Run::train`] with the step's views from `source` (e.g. rendered on the GPU).
     pub fn train_with<E: Engine>(
         &mut self,
@@ -320,7 +312,7 @@ impl Run {
         if let Some(momentum) = &self.momentum {
             trainer.momentum = eng.upload(momentum)?;
         }
-        let step_config = self.config.step();
+        let step_config = self.config.step;
         let schedule = self.config.schedule();
         let views = match self.config.objective {
             Objective::Slam => Views::Slam,
@@ -431,71 +423,6 @@ impl Run {
     }
 }
 
-impl EpochLog {
-    fn add(&mut self, log: &StepLog) {
-        let r = &log.report;
-        self.steps += 1;
-        self.loss_contrastive += r.loss_contrastive as f64;
-        self.loss_cohesion += r.loss_cohesion as f64;
-        self.cosine += r.combination.cosine;
-        self.fired += r.combination.fired as u8 as f64;
-        self.images_per_s += log.images_per_s;
-    }
-
-    /// The means of the epoch so far; resets for the next.
-    fn finish(&mut self, epoch: u64) -> EpochLog {
-        let n = self.steps.max(1) as f64;
-        let done = std::mem::take(self);
-        EpochLog {
-            epoch,
-            steps: done.steps,
-            loss_contrastive: done.loss_contrastive / n,
-            loss_cohesion: done.loss_cohesion / n,
-            cosine: done.cosine / n,
-            fired: done.fired / n,
-            images_per_s: done.images_per_s / n,
-        }
-    }
-}
-
-/// Draws `plots/losses.png` (both losses per step) and `plots/conflict.png` (the cosine of
-/// the two task gradients per step) from the run's `metrics.jsonl`.
-pub fn write_plots(dir: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(dir.join(METRICS_FILE))?;
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let series = |name, get: &dyn Fn(&serde_json::Value) -> Option<f64>| plots::Series {
-        name,
-        points: lines
-            .iter()
-            .filter_map(|l| Some((l["step"].as_f64()?, get(l)?)))
-            .collect(),
-    };
-    let plots_dir = dir.join(PLOTS_DIR);
-    std::fs::create_dir_all(&plots_dir)?;
-    let contrastive = series("contrastive (NT-Xent, positives)", &|l| {
-        l["loss_contrastive"].as_f64()
-    });
-    let cohesion = series("cohesion (negatives)", &|l| l["loss_cohesion"].as_f64());
-    plots::line_chart(
-        &plots_dir.join("losses.png"),
-        "Task losses",
-        "step",
-        "loss",
-        &[contrastive, cohesion],
-    )?;
-    let cosine = series("cos(g1, g2)", &|l| l["combination"]["cosine"].as_f64());
-    plots::line_chart(
-        &plots_dir.join("conflict.png"),
-        "Gradient conflict: cosine of the two task gradients (surgery fires below 0)",
-        "step",
-        "cosine",
-        &[cosine],
-    )
-}
-
 fn check_finite(report: &StepReport, step: u64, dir: &Path) -> Result<()> {
     let c = &report.combination;
     let values = [
@@ -517,82 +444,4 @@ fn check_finite(report: &StepReport, step: u64, dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Complete checkpoint folders of a run, with their steps.
-fn checkpoint_dirs(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let root = dir.join(CHECKPOINTS_DIR);
-    if !root.exists() {
-        return Ok(Vec::new());
-    }
-    let mut found = Vec::new();
-    for entry in
-        std::fs::read_dir(&root).with_context(|| format!("cannot read {}", root.display()))?
-    {
-        let entry = entry?;
-        let name = entry.file_name();
-        // Staging folders start with a dot and never match.
-        if let Some(step) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("step-"))
-            .and_then(|s| s.parse().ok())
-        {
-            found.push((step, entry.path()));
-        }
-    }
-    Ok(found)
-}
-
-/// Removes the hidden `.*.tmp` folders an interrupted checkpoint write or removal left.
-fn remove_staging_leftovers(dir: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(".tmp") && entry.path().is_dir() {
-            std::fs::remove_dir_all(entry.path())
-                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
-        }
-    }
-    Ok(())
-}
-
-fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
-    Ok(checkpoint_dirs(dir)?
-        .into_iter()
-        .max()
-        .map(|(_, path)| path))
-}
-
-fn open_log(path: &Path) -> Result<std::io::BufWriter<std::fs::File>> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    Ok(std::io::BufWriter::new(file))
-}
-
-/// Keeps the lines of a JSON-lines log for which `keep` holds (and that parse), atomically.
-fn truncate_log(path: &Path, keep: impl Fn(&str) -> bool) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut file = AtomicFile::create(path)?;
-    for line in text.lines().filter(|l| keep(l)) {
-        writeln!(file, "{line}")?;
-    }
-    file.commit()
-}
-
-fn line_field(line: &str, key: &str) -> Option<u64> {
-    serde_json::from_str::<serde_json::Value>(line)
-        .ok()?
-        .get(key)?
-        .as_u64()
 }

@@ -9,19 +9,27 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::data::store::BagLabel;
 
-/// What to build.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+/// What to build: the flags of every command that builds bags (with `slam synth`'s defaults;
+/// the seed is each command's own).
+#[derive(clap::Args, Clone, Debug, PartialEq, serde::Serialize)]
 pub struct BagPlanConfig {
-    /// Bags in total, over both splits.
+    /// Bags in all, over both splits.
+    #[arg(long, default_value_t = 20)]
     pub bags: usize,
     /// Cells per bag.
+    #[arg(long, default_value_t = 100)]
     pub bag_size: usize,
     /// Abnormal cells / cells in an abnormal bag; normal bags hold normal cells only.
+    #[arg(long, default_value_t = 0.1)]
     pub witness_rate: f64,
     /// Share of the bags that are abnormal.
+    #[arg(long, default_value_t = 0.5)]
     pub abnormal_fraction: f64,
-    /// Share of each label's bags that go to the training split; the rest are for testing.
+    /// Share of each label's bags for training; the rest are for testing.
+    #[arg(long = "split", value_name = "FRACTION", default_value_t = 0.5)]
     pub train_fraction: f64,
+    /// Seed of the draw (the command's --seed).
+    #[arg(skip)]
     pub seed: u64,
 }
 

@@ -5,13 +5,77 @@
 //! step number: a resumed run sees exactly the images an uninterrupted one would, and a
 //! GPU kernel drawing from the same key renders the same views.
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 
 use super::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
 use super::rng::ViewKey;
 use super::sampler::SampledBatch;
 use crate::data::store::PatchStore;
-use crate::model::HostBatch;
+
+/// The four views of one step on the host, each `[n, 3, crop, crop]` as PyTorch holds them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostBatch {
+    pub pos_i: Vec<f32>,
+    pub pos_j: Vec<f32>,
+    pub neg_i: Vec<f32>,
+    pub neg_j: Vec<f32>,
+    pub n_pos: usize,
+    pub n_neg: usize,
+    pub crop: usize,
+}
+
+impl HostBatch {
+    /// The views as `(name, images, data)`, in the order of the step's forward passes.
+    pub fn views(&self) -> [(&'static str, usize, &[f32]); 4] {
+        [
+            ("pos_i", self.n_pos, &self.pos_i),
+            ("pos_j", self.n_pos, &self.pos_j),
+            ("neg_i", self.n_neg, &self.neg_i),
+            ("neg_j", self.n_neg, &self.neg_j),
+        ]
+    }
+
+    /// Standard-normal views (what normalized images look like), the same for the same seed.
+    pub fn random(n_pos: usize, n_neg: usize, crop: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut draw = |n: usize| -> Vec<f32> {
+            (0..n * 3 * crop * crop)
+                .map(|_| rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        };
+        Self {
+            pos_i: draw(n_pos),
+            pos_j: draw(n_pos),
+            neg_i: draw(n_neg),
+            neg_j: draw(n_neg),
+            n_pos,
+            n_neg,
+            crop,
+        }
+    }
+
+    /// Checks sizes: every pass needs two images or more for batch norm. A batch without
+    /// negatives (`n_neg == 0`) trains the contrastive task alone (the SimCLR ablation).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.crop > 0, "crop must be at least 1 pixel");
+        for (name, n, data) in self.views() {
+            ensure!(
+                n >= 2 || (n == 0 && name.starts_with("neg")),
+                "{name}: batch norm in training mode needs at least 2 images, got {n}"
+            );
+            ensure!(
+                data.len() == n * 3 * self.crop * self.crop,
+                "{name}: {} values do not make {n} images of 3 x {c} x {c}",
+                data.len(),
+                c = self.crop
+            );
+        }
+        Ok(())
+    }
+}
 
 /// Renders batches from one store with one augmentation setting.
 pub struct Augmenter {

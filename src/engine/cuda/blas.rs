@@ -11,14 +11,24 @@ use super::view::DevSlice;
 
 /// How the f32 products of the network's layers use the tensor cores. The inputs, outputs
 /// and accumulation stay f32 in every mode; the losses' small products are always exact.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MatmulMode {
-    /// Full f32 multiplies (no tensor cores): what the parity tests hold to the CPU engine.
+    /// Full f32 multiplies (no tensor cores): matches the CPU engine to f32 rounding.
     #[default]
     Exact,
     /// Inputs rounded to TF32 (10-bit mantissa) on the tensor cores, as PyTorch's
-    /// `allow_tf32`.
+    /// allow_tf32.
     Tf32,
     /// Inputs rounded to bf16 (7-bit mantissa) on the tensor cores, f32 accumulation.
     Bf16,

@@ -262,31 +262,6 @@ impl CudaEngine {
         Ok((free as u64, total as u64))
     }
 
-    /// Restarts [`CudaEngine::peak_memory_bytes`] from what is in use now.
-    pub fn reset_peak_memory(&self) -> Result<()> {
-        self.set_pool_attribute(
-            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            0,
-        )
-    }
-
-    /// The most device memory the stream-ordered pool (every buffer the engine allocates)
-    /// has had in use since [`CudaEngine::new`] or [`CudaEngine::reset_peak_memory`].
-    pub fn peak_memory_bytes(&self) -> Result<u64> {
-        use cudarc::driver::sys;
-        let mut value = 0u64;
-        // SAFETY: reads one u64 attribute of this device's default pool.
-        unsafe {
-            sys::cuMemPoolGetAttribute(
-                self.default_pool()?,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut value) as *mut u64 as *mut std::ffi::c_void,
-            )
-            .result()?;
-        }
-        Ok(value)
-    }
-
     fn default_pool(&self) -> Result<cudarc::driver::sys::CUmemoryPool> {
         self.ctx.bind_to_thread()?;
         let mut pool = std::ptr::null_mut();
@@ -501,6 +476,29 @@ impl Backend for CudaEngine {
 
     fn fill_zero(&self, dst: DevViewMut<'_>) -> Result<()> {
         CudaEngine::fill_zero(self, dst)
+    }
+
+    fn reset_peak_memory(&self) -> Result<()> {
+        self.set_pool_attribute(
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            0,
+        )
+    }
+
+    /// The stream-ordered pool's high-water mark: every buffer the engine allocates.
+    fn peak_memory_bytes(&self) -> Result<Option<u64>> {
+        use cudarc::driver::sys;
+        let mut value = 0u64;
+        // SAFETY: reads one u64 attribute of this device's default pool.
+        unsafe {
+            sys::cuMemPoolGetAttribute(
+                self.default_pool()?,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut value) as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()?;
+        }
+        Ok(Some(value))
     }
 }
 

@@ -29,13 +29,13 @@ use anyhow::{Context, Result, bail, ensure};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use rayon::prelude::*;
 
-use super::{aug_shape, view_table};
+use super::records::{aug_shape, view_table};
 use crate::data::input::augment::{AugmentConfig, ViewJob};
 use crate::data::store::{PatchSize, PatchStore};
 use crate::engine::cuda::{CudaEngine, DevSlice, DevViewMut};
 
 /// Where the pixels live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Residency {
     /// Resident when it fits, else streamed.
     Auto,

@@ -1,6 +1,5 @@
-//! Glue between the data module and the CUDA engine, which know nothing of each other: the
-//! views the CPU augmentation draws ([`ViewJob`], [`ViewParams`]) as the engine's per-view
-//! records ([`AugView`]), and the store's pixels on the device ([`DeviceStore`]).
+//! The views the CPU augmentation draws ([`ViewJob`], [`ViewParams`]) as the CUDA view
+//! kernel's per-view records ([`AugView`]).
 //!
 //! The random parameters of every view are drawn on the host by the same Rust code the CPU
 //! path runs (`ViewParams::contrastive`, twelve Philox draws per view), and uploaded as a
@@ -9,15 +8,9 @@
 //! `48 * views` bytes per step (24 KiB at the reference batch) and a few microseconds of host
 //! time, next to a step of tens of milliseconds.
 
-mod store;
-mod views;
-
 use std::ops::Range;
 
 use anyhow::{Context, Result, ensure};
-
-pub use store::{DeviceStore, Residency, Staged};
-pub use views::DeviceViews;
 
 use crate::data::input::augment::{AugmentConfig, JitterOp, ViewJob, ViewParams};
 use crate::data::store::PatchSize;

@@ -1,16 +1,15 @@
-//! The training step's views rendered on the GPU: the pretraining loop's
-//! [`ViewSource`] for the CUDA engine, from the store's pixels on the device.
+//! The training step's views rendered on the GPU: the CUDA engine's [`ViewSource`], from the
+//! store's pixels on the device, and how the CUDA engine is fed ([`Feed`]).
 
 use anyhow::Result;
 
-use super::{DeviceStore, Residency};
+use super::{DeviceStore, Feed, HostViews, Residency, ViewSettings, ViewSource, ViewsOn};
 use crate::data::PatchStore;
 use crate::data::input::augment::ViewJob;
 use crate::data::input::batch::{Augmenter, Views};
 use crate::data::input::sampler::SampledBatch;
 use crate::engine::cuda::{CudaEngine, DevSlice};
 use crate::model::StepBatch;
-use crate::pretrain::ViewSource;
 
 /// Renders each step's four views with the fused kernel: the same jobs (and so the same
 /// random parameters) the CPU augmentation renders, into one device buffer, then split into
@@ -76,6 +75,26 @@ impl ViewSource<CudaEngine> for DeviceViews {
             n_pos: jobs[0].len(),
             n_neg: jobs[2].len(),
             crop,
+        })
+    }
+}
+
+impl Feed for CudaEngine {
+    fn view_source(
+        &self,
+        settings: &ViewSettings,
+        store: &PatchStore,
+        batch: usize,
+        step_bytes: u64,
+    ) -> Result<Box<dyn ViewSource<Self> + '_>> {
+        Ok(match settings.views {
+            ViewsOn::Host => Box::new(HostViews),
+            ViewsOn::Device => {
+                let views =
+                    DeviceViews::new(self, store, settings.residency, batch, step_bytes as usize)?;
+                eprintln!("views on the GPU: {}", views.summary());
+                Box::new(views)
+            }
         })
     }
 }

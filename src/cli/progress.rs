@@ -1,0 +1,109 @@
+//! Progress bars for long work: a pretraining run's steps, with a line per epoch and
+//! checkpoint; SIGINT and SIGTERM ask the run to stop cleanly.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::pretrain::{EpochLog, Observer, StepLog};
+
+/// The progress bar: losses, gradient cosine and speed; a line per epoch and checkpoint.
+/// With [`Progress::stop_on_signals`], SIGINT and SIGTERM ask the run to stop cleanly.
+pub struct Progress {
+    pub bar: ProgressBar,
+    stop: Arc<AtomicBool>,
+}
+
+impl Progress {
+    /// Makes SIGINT (Ctrl-C) and SIGTERM request a clean stop (checkpoint, then exit)
+    /// instead of killing the process.
+    pub fn stop_on_signals(&mut self) -> Result<()> {
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, Arc::clone(&self.stop))
+                .context("cannot install the signal handlers")?;
+        }
+        Ok(())
+    }
+
+    pub fn new() -> Self {
+        let style = ProgressStyle::with_template(
+            "{prefix} [{bar:25}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> ");
+        Self {
+            bar: ProgressBar::new(0).with_style(style),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Observer for Progress {
+    fn started(&mut self, first_step: u64, end_step: u64, steps_per_epoch: u64) {
+        self.bar.set_length(end_step);
+        self.bar.set_position(first_step);
+        self.bar.reset_eta();
+        self.bar
+            .set_prefix(format!("pretrain ({steps_per_epoch} steps/epoch)"));
+    }
+
+    fn step(&mut self, log: &StepLog) {
+        let r = &log.report;
+        self.bar.set_message(format!(
+            "epoch {} | contrastive {:.4} cohesion {:.4} | cos {:+.3}{} | {:.1} img/s",
+            log.epoch,
+            r.loss_contrastive,
+            r.loss_cohesion,
+            r.combination.cosine,
+            if r.combination.fired {
+                " (surgery)"
+            } else {
+                ""
+            },
+            log.images_per_s
+        ));
+        self.bar.inc(1);
+    }
+
+    fn epoch(&mut self, log: &EpochLog) {
+        // println is dropped when the bar is hidden (stderr not a terminal); suspend is not.
+        self.bar.suspend(|| eprintln!(
+            "epoch {:>4}: contrastive {:.4}, cohesion {:.4}, mean cosine {:+.3}, surgery on {:.0}% of steps, {:.1} img/s",
+            log.epoch,
+            log.loss_contrastive,
+            log.loss_cohesion,
+            log.cosine,
+            100.0 * log.fired,
+            log.images_per_s
+        ));
+    }
+
+    fn checkpoint(&mut self, step: u64, path: &Path) {
+        self.bar
+            .suspend(|| eprintln!("step {step}: checkpoint {}", path.display()));
+    }
+
+    fn warn(&mut self, message: &str) {
+        self.bar.suspend(|| eprintln!("warning: {message}"));
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Progress {
+    /// A run's bar leaves no trace behind when its observer goes (the demo runs several).
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
