@@ -1,4 +1,4 @@
-// The views of DESIGN.md section 1 on the GPU (CPU twin: render_batch of
+// The views of docs/METHOD.md section 2 (Views) on the GPU (CPU twin: render_batch of
 // src/data/augment.rs): u8 HWC RGB patches in device memory become normalized f32 views, written
 // straight into the engines' channel-major [C, N, H, W] batches.
 //
