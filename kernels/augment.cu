@@ -1,6 +1,6 @@
-// The views of DESIGN.md section 1 on the GPU (CPU twin: render_batch of
-// src/data/input/augment/render.rs): u8 HWC RGB patches in device memory become normalized f32
-// views, written straight into the engines' channel-major [C, N, H, W] batches.
+// The views of docs/METHOD.md section 2 (Views) on the GPU (CPU twin: render_batch of
+// src/data/input/augment/render.rs): u8 HWC RGB patches in device memory become normalized
+// f32 views, written straight into the engines' channel-major [C, N, H, W] batches.
 //
 //   augment_views   one block per view: crop, horizontal flip, the four color-jitter ops in the
 //                   drawn order (torchvision's float semantics, clamp to [0, 1] after each),

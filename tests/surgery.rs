@@ -19,7 +19,7 @@ use slam_ags::engine::prelude::*;
 use slam_ags::model::Surgery;
 use slam_ags::model::surgery::Combination;
 
-/// The method's epsilon (DESIGN.md section 1).
+/// The method's epsilon (docs/METHOD.md section 5, Gradient surgery).
 const EPS: f64 = 1e-10;
 const MODES: [Surgery; 3] = [Surgery::Ags, Surgery::Pcgrad, Surgery::None];
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks a `slam dump-step` file (or a golden file of /work/shared/golden) against the same
+"""Checks a `slam dump-step` file (or a golden file of tests/data) against the same
 step computed in PyTorch.
 
   python check_dump.py step.safetensors [--device cpu|cuda] [--float64] [--json OUT.json]

@@ -1,4 +1,4 @@
-"""SLAM-AGS pretraining step in PyTorch, written for slam-ags from docs in /work/shared/DESIGN.md.
+"""SLAM-AGS pretraining step in PyTorch, written for slam-ags from docs/METHOD.md (sections 3-6).
 
 Shared by bench_step.py (speed) and check_dump.py (parity): the network with the reference
 state_dict names, the two losses, the surgery (AGS / PCGrad / none) on flat gradients, the

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Self-test of slam_torch's batched augmentation against torchvision's functional ops on
-float tensors (the semantics DESIGN.md names): geometry and each jitter op, per image."""
+float tensors (the semantics of docs/METHOD.md section 2, Views): geometry and each jitter
+op, per image."""
 import os
 import sys
 

@@ -1,6 +1,6 @@
-//! The views of DESIGN.md section 1 on the CPU: a u8 HWC RGB patch becomes a normalized f32
-//! CHW image of side `crop`, following torchvision's float-tensor semantics (pixel = u8 / 255,
-//! every jitter op clamps to [0, 1]).
+//! The views of docs/METHOD.md section 2 (Views) on the CPU: a u8 HWC RGB patch becomes a
+//! normalized f32 CHW image of side `crop`, following torchvision's float-tensor semantics
+//! (pixel = u8 / 255, every jitter op clamps to [0, 1]).
 //!
 //! Order of operations: crop, horizontal flip, the four color-jitter ops in the drawn order,
 //! rotation by +90 degrees (counter-clockwise), normalize `(x - mean[c]) / std[c]`.
