@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::prelude::*;
-use slam_ags::engine::{BatchNorm, BnTrainBackward, BnTrainForward, Conv2d, ConvBackward};
+use slam_ags::engine::{BatchNorm, BnBackward, BnForward, BnStats, Conv2d, ConvBackward};
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -96,16 +96,18 @@ fn batch_norm(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(3 * 4 * s.len() as u64));
     group.bench_function("train_forward_add_relu", |b| {
         b.iter(|| {
-            eng.batchnorm_train_forward(
+            eng.batchnorm_forward(
                 &s,
-                BnTrainForward {
+                BnForward {
                     x: &x,
                     affine: &affine,
                     residual: Some(&r),
                     relu: true,
                     y: &mut y,
-                    saved: &mut saved,
-                    running: &mut running,
+                    stats: BnStats::Batch {
+                        saved: &mut saved,
+                        running: &mut running,
+                    },
                 },
             )
             .unwrap()
@@ -117,9 +119,9 @@ fn batch_norm(c: &mut Criterion) {
         let mut dy = dy0.clone();
         b.iter(|| {
             dy.copy_from_slice(&dy0);
-            eng.batchnorm_train_backward(
+            eng.batchnorm_backward(
                 &s,
-                BnTrainBackward {
+                BnBackward {
                     x: &x,
                     affine: &affine,
                     saved: &saved,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, in two halves (docs/GPU.md):
-#   scripts/gpu-check.sh build    here (Rust, the pinned nvcc): builds the release binary and
-#                                 the GPU test executables, gathers them into .gpu/ with the
-#                                 run script (scripts/gpu-run.sh as .gpu/run);
+#   scripts/gpu-check.sh build    here (Rust, the pinned nvcc): builds the release binary, the
+#                                 dev kernel programs (dev/cuda) and the GPU test executables,
+#                                 gathers them into .gpu/ with the run script
+#                                 (scripts/gpu-run.sh as .gpu/run);
 #   bash .gpu/run "$OUT"          on the GPU machine (no Rust, no network): runs them and the
 #                                 kernel benchmark, logs into $OUT, a summary last.
 set -euo pipefail
@@ -25,7 +26,7 @@ fi
 }
 export NVCC SLAM_REQUIRE_NVCC=1
 
-cargo build --release --bin slam
+cargo build --release --bin slam --example conv_igemm
 # The test executables, from cargo's JSON messages: the GPU integration tests (every
 # tests/cuda_*.rs) and the library's unit tests (whose engine::cuda tests open the GPU).
 GPU_TESTS=()
@@ -41,6 +42,7 @@ mapfile -t execs < <(
 rm -rf .gpu
 mkdir -p .gpu/tests
 strip -g -o .gpu/slam target/release/slam
+strip -g -o .gpu/conv_igemm target/release/examples/conv_igemm
 for line in "${execs[@]}"; do
     read -r kind name exe <<<"$line"
     case $kind in
@@ -50,7 +52,7 @@ for line in "${execs[@]}"; do
     esac
     strip -g -o ".gpu/tests/$dest" "$exe"
 done
-[[ -x .gpu/tests/cuda_kernels && -x .gpu/tests/cuda_engine && -x .gpu/tests/lib ]] || {
+[[ -x .gpu/tests/cuda_ops && -x .gpu/tests/cuda_engine && -x .gpu/tests/lib ]] || {
     echo "error: the test executables were not found in cargo's output" >&2
     exit 1
 }

@@ -88,7 +88,7 @@ if [[ $SANITIZE == --sanitize ]]; then
         for tool in memcheck racecheck; do
             log="$OUT/sanitizer-$tool.log"
             timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-                "$HERE/tests/cuda_kernels" --test-threads=1 >"$log" 2>&1
+                "$HERE/tests/cuda_ops" --test-threads=1 >"$log" 2>&1
             rc=$?
             SAN+=("$tool: $(case $rc in 0) echo clean ;; 124) echo TIMEOUT ;; 99) echo ERRORS FOUND ;; *) echo "exit $rc" ;; esac) ($(tail -n 1 "$log"))")
         done
@@ -105,8 +105,12 @@ bench() {
     timeout "$limit" "$HERE/slam" "$@" >"$OUT/bench-$name.log" 2>&1
     BENCH[$name]=$?
 }
-BENCHES=(kernels step-tf32 step-bf16 step-exact e2e-tf32)
+BENCHES=(kernels igemm step-tf32 step-bf16 step-exact e2e-tf32)
 bench kernels 240 bench kernels
+# The implicit-GEMM convolution under development against the engine's (its check ran as
+# tests/cuda_conv_igemm).
+timeout 120 "$HERE/conv_igemm" --no-check >"$OUT/bench-igemm.log" 2>&1
+BENCH[igemm]=$?
 REF=(--crop 224 --batch 256 --warmup 3 --steps 10)
 bench step-tf32 120 bench step --device cuda --matmul tf32 "${REF[@]}"
 bench step-bf16 120 bench step --device cuda --matmul bf16 "${REF[@]}"

@@ -54,17 +54,27 @@ pub fn load_model(path: &Path) -> Result<(ModelState, Option<usize>)> {
     }
 }
 
-/// Embeds every patch of `store` with `state` in eval mode: the center `crop` of each patch,
+/// How patches are embedded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbedSettings {
+    /// Which activations become the features.
+    pub kind: FeatureKind,
+    /// Side of each patch's center crop.
+    pub crop: usize,
+    /// Patches per forward pass.
+    pub batch: usize,
+}
+
+/// Embeds every patch of `store` with `state` in eval mode: the center crop of each patch,
 /// normalized as in training, `batch` patches per pass. Calls `progress(done, total)`.
 pub fn embed<E: Engine>(
     eng: &E,
     state: &ModelState,
     store: &PatchStore,
-    kind: FeatureKind,
-    crop: usize,
-    batch: usize,
+    settings: EmbedSettings,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Embeddings> {
+    let EmbedSettings { kind, crop, batch } = settings;
     ensure!(batch >= 1, "the batch must be at least 1 patch");
     let net = state.validate()?;
     let augment = AugmentConfig {

@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 
-use common::{arg, assert_fails_with, assert_succeeds, save_image, slam, test_image};
+use common::{
+    SMALL_PLAN_FLAGS, arg, assert_fails_with, assert_succeeds, save_image, slam, test_image,
+};
 use slam_ags::data::{BagLabel, PatchStore};
 
 /// A cell folder in the public dataset's layout: class folders with JPEGs in nested folders.
@@ -31,17 +33,12 @@ fn bags_cmd<'a>(cells: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a st
         "LYT,NGS",
         "--positive-class",
         "BLA",
-        "--bags",
-        "8",
-        "--bag-size",
-        "10",
-        "--witness-rate",
-        "0.2",
         "--split",
         "0.5",
         "--seed",
         "3",
     ];
+    args.extend_from_slice(&SMALL_PLAN_FLAGS);
     args.extend_from_slice(extra);
     args
 }

@@ -3,7 +3,10 @@
 mod common;
 
 use common::metrics::rel_l2_error;
-use common::{arg, assert_fails_with, assert_succeeds, slam};
+use common::{
+    SMALL_PLAN_FLAGS, TINY_NET_FLAGS, arg, assert_fails_with, assert_files_exist, assert_succeeds,
+    slam,
+};
 use std::path::Path;
 
 use slam_ags::checkpoint::TensorFile;
@@ -124,17 +127,7 @@ fn dump_step_on_random_inputs_is_reproducible() {
     let args = |out: &str| {
         let out = dir.path().join(out);
         let out = out.to_str().unwrap().to_owned();
-        let a = [
-            "dump-step",
-            "--width",
-            "4",
-            "--blocks",
-            "1,1,1,1",
-            "--out-dim",
-            "8",
-            "--crop",
-            "24",
-        ];
+        let a = [&["dump-step"][..], &TINY_NET_FLAGS, &["--crop", "24"]].concat();
         slam(
             &[
                 &a[..],
@@ -217,23 +210,13 @@ fn dump_step_refuses_bad_inputs_without_writing() {
 #[test]
 fn bench_step_runs_and_cuda_is_refused_clearly() {
     let tiny = [
-        "bench",
-        "step",
-        "--width",
-        "4",
-        "--blocks",
-        "1,1,1,1",
-        "--out-dim",
-        "8",
-        "--crop",
-        "32",
-        "--batch",
-        "8",
-        "--steps",
-        "2",
-        "--warmup",
-        "0",
-    ];
+        &["bench", "step"][..],
+        &TINY_NET_FLAGS,
+        &[
+            "--crop", "32", "--batch", "8", "--steps", "2", "--warmup", "0",
+        ],
+    ]
+    .concat();
     let out = slam(&tiny);
     assert_succeeds(&out);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -315,17 +298,11 @@ fn inspect_describes_a_store_and_rejects_foreign_files() {
 fn demo_runs_end_to_end_on_a_tiny_setting() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
-    let args = [
+    let demo = [
         "demo",
         "--out",
         arg(&out),
         "--compare",
-        "--bags",
-        "8",
-        "--bag-size",
-        "10",
-        "--witness-rate",
-        "0.2",
         "--patch-size",
         "24",
         "--crop",
@@ -339,29 +316,25 @@ fn demo_runs_end_to_end_on_a_tiny_setting() {
         "--mil-epochs",
         "3",
     ];
+    let args = [&demo[..], &SMALL_PLAN_FLAGS].concat();
     let text = assert_succeeds(&slam(&args));
     for variant in ["random-init", "simclr", "slam-no-surgery", "slam-ags"] {
         assert!(text.contains(&format!("| {variant} |")), "{text}");
-        for file in [
+        let files = [
             "model.safetensors",
             "test.embed.safetensors",
             "mil/metrics.json",
-        ] {
-            assert!(
-                out.join(variant).join(file).exists(),
-                "{variant}/{file} missing"
-            );
-        }
+        ];
+        assert_files_exist(&out.join(variant), &files);
     }
     assert!(out.join("slam-ags/run/plots/losses.png").exists());
-    for file in [
+    let files = [
         "results.md",
         "auc.png",
         "retrieval.png",
         "data/contact_sheet.png",
-    ] {
-        assert!(out.join(file).exists(), "{file} missing");
-    }
+    ];
+    assert_files_exist(&out, &files);
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let rows = results["rows"].as_array().unwrap();

@@ -1,4 +1,4 @@
-//! The fused view kernel (kernels/augment.cu through `gpu_data::DeviceStore` and
+//! The fused view kernel (kernels/augment.cu through `feed::DeviceStore` and
 //! `CudaEngine::augment`) against the CPU augmentation (`render_batch`), bit for bit, for many random
 //! keys and settings, with the store resident and streamed. Without a GPU each GPU test prints
 //! why it skips and passes; with `SLAM_REQUIRE_GPU=1` a missing GPU fails them instead.

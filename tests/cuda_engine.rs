@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::net;
+
 use anyhow::Result;
 use common::twin::{Case, Output, Tolerance, Twin};
 use rand::{Rng, SeedableRng};
@@ -88,22 +90,14 @@ impl Case for StepCase {
 #[test]
 fn step_matches_cpu_engine_on_a_small_network() -> Result<()> {
     let twin = Twin::new(MatmulMode::Exact);
-    let small = NetConfig {
-        width: 8,
-        blocks: [1, 1, 1, 1],
-        out_dim: 16,
-    };
+    let small = net(8, [1, 1, 1, 1], 16);
     twin.check(&StepCase {
         config: small,
         n: 4,
         crop: 32,
         surgery: Surgery::Ags,
     })?;
-    let uneven = NetConfig {
-        width: 4,
-        blocks: [2, 1, 1, 2],
-        out_dim: 8,
-    };
+    let uneven = net(4, [2, 1, 1, 2], 8);
     twin.check(&StepCase {
         config: uneven,
         n: 3,
@@ -132,11 +126,7 @@ impl Case for EvalCase {
     }
 
     fn run<E: Engine>(&self, eng: &E) -> Result<Vec<Output>> {
-        let config = NetConfig {
-            width: 8,
-            blocks: [2, 2, 2, 2],
-            out_dim: 16,
-        };
+        let config = net(8, [2, 2, 2, 2], 16);
         let mut state = ModelState::init(config, 3)?;
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         for v in state.running.iter_mut() {
@@ -170,7 +160,7 @@ fn device_views_match_host_views() -> Result<()> {
     use slam_ags::data::input::sampler::{BalancedSampler, SamplerMode};
     use slam_ags::data::{BagLabel, PatchStore};
     use slam_ags::feed::{DeviceViews, Residency};
-    use slam_ags::feed::{HostViews, ViewSource};
+    use slam_ags::feed::{HostViews, StepInput, ViewSource};
 
     let Some(gpu) = common::cuda(MatmulMode::Exact) else {
         return Ok(());
@@ -189,8 +179,15 @@ fn device_views_match_host_views() -> Result<()> {
         for step in 0..3 {
             let sampled = sampler.next_batch();
             for views in [Views::Slam, Views::ContrastiveOnly] {
-                let want = HostViews.render(&gpu, &augmenter, &store, &sampled, step, views)?;
-                let got = device.render(&gpu, &augmenter, &store, &sampled, step, views)?;
+                let input = StepInput {
+                    augmenter: &augmenter,
+                    store: &store,
+                    sampled: &sampled,
+                    step,
+                    views,
+                };
+                let want = HostViews.render(&gpu, &input)?;
+                let got = device.render(&gpu, &input)?;
                 assert_eq!((got.n_pos, got.n_neg), (want.n_pos, want.n_neg));
                 for (name, g, w) in [
                     ("pos_i", &got.pos_i, &want.pos_i),

@@ -18,15 +18,14 @@ mod common;
 
 use anyhow::{Result, ensure};
 use common::twin::{Case, Output, Tolerance, Twin};
-use common::{conv, uniform, uniform_in};
+use common::{uniform, uniform_in};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::cuda::MatmulMode;
 use slam_ags::engine::{
-    AvgPool, BatchNorm, BnEvalForward, BnTrainBackward, BnTrainForward, Conv2d, ConvBackward,
-    Engine, Linear, LinearBackward, LinearForward, LossViews, MaxPool, SgdBuffers, SgdUpdate,
-    ViewPair,
+    AvgPool, BatchNorm, BnBackward, BnForward, BnStats, Conv2d, ConvBackward, Engine, Linear,
+    LinearBackward, LinearForward, LossViews, MaxPool, SgdBuffers, SgdUpdate, ViewPair,
 };
 
 /// A buffer holding `host` at offset `off`, NaN around it.
@@ -104,14 +103,14 @@ impl Case for ConvCase {
 /// cut into several chunks of images (64 channels, 3x3 at 56x56, 40 images).
 fn conv_shapes() -> Vec<Conv2d> {
     vec![
-        conv(2, (3, 8), (13, 11), (7, 2, 3)),
-        conv(3, (8, 8), (9, 9), (3, 1, 1)),
-        conv(3, (8, 16), (9, 7), (3, 2, 1)),
-        conv(3, (8, 16), (9, 9), (1, 2, 0)),
-        conv(4, (16, 8), (5, 5), (1, 1, 0)),
-        conv(1, (1, 1), (1, 1), (1, 1, 0)),
-        conv(2, (4, 4), (2, 2), (3, 1, 1)),
-        conv(40, (64, 64), (56, 56), (3, 1, 1)),
+        Conv2d::new(2, (3, 8), (13, 11), (7, 2, 3)),
+        Conv2d::new(3, (8, 8), (9, 9), (3, 1, 1)),
+        Conv2d::new(3, (8, 16), (9, 7), (3, 2, 1)),
+        Conv2d::new(3, (8, 16), (9, 9), (1, 2, 0)),
+        Conv2d::new(4, (16, 8), (5, 5), (1, 1, 0)),
+        Conv2d::new(1, (1, 1), (1, 1), (1, 1, 0)),
+        Conv2d::new(2, (4, 4), (2, 2), (3, 1, 1)),
+        Conv2d::new(40, (64, 64), (56, 56), (3, 1, 1)),
     ]
 }
 
@@ -131,7 +130,7 @@ fn conv2d_matches_cpu_twin() -> Result<()> {
 #[test]
 fn conv2d_tf32_and_bf16_stay_close() -> Result<()> {
     for (mode, tol) in [(MatmulMode::Tf32, 1e-2), (MatmulMode::Bf16, 5e-2)] {
-        let s = conv(8, (32, 64), (28, 28), (3, 1, 1));
+        let s = Conv2d::new(8, (32, 64), (28, 28), (3, 1, 1));
         Twin::new(mode).check(&ConvCase { s, seed: 7, tol })?;
     }
     Ok(())
@@ -291,16 +290,18 @@ impl BnCase {
             eng.upload(&vec![f32::NAN; 2 * self.c])?,
             eng.upload(running)?,
         );
-        let train = BnTrainForward {
+        let train = BnForward {
             x: eng.view(&xb, ox..ox + n),
             affine: eng.all(&ab),
             residual: self.residual.then(|| eng.view(&rb, or..or + n)),
             relu: self.relu,
             y: eng.view_mut(&mut y, oy..oy + n),
-            saved: eng.all_mut(&mut saved),
-            running: eng.all_mut(&mut run),
+            stats: BnStats::Batch {
+                saved: eng.all_mut(&mut saved),
+                running: eng.all_mut(&mut run),
+            },
         };
-        eng.batchnorm_train_forward(&s, train)?;
+        eng.batchnorm_forward(&s, train)?;
         Ok([y, saved, run])
     }
 }
@@ -331,15 +332,15 @@ impl Case for BnCase {
         );
         let running = eng.upload(running)?;
         let mut y_eval = place(eng, &vec![0.0; n], oy)?;
-        let eval = BnEvalForward {
+        let eval = BnForward {
             x: eng.view(&xb, ox..ox + n),
             affine: eng.all(&ab),
-            running: eng.all(&running),
             residual: self.residual.then(|| eng.view(&rb, or..or + n)),
             relu,
             y: eng.view_mut(&mut y_eval, oy..oy + n),
+            stats: BnStats::Running(eng.all(&running)),
         };
-        eng.batchnorm_eval_forward(&s, eval)?;
+        eng.batchnorm_forward(&s, eval)?;
 
         // The backward from a random output gradient, its forward's outputs the same on every
         // engine: the CPU twin's.
@@ -350,7 +351,7 @@ impl Case for BnCase {
             place(eng, &vec![f32::NAN; n], oy)?,
             eng.upload(&daffine0)?,
         );
-        let backward = BnTrainBackward {
+        let backward = BnBackward {
             x: eng.view(&xb, ox..ox + n),
             affine: eng.all(&ab),
             saved: eng.all(&saved_fwd),
@@ -359,7 +360,7 @@ impl Case for BnCase {
             dx: eng.view_mut(&mut dx, oy..oy + n),
             daffine: eng.all_mut(&mut daffine),
         };
-        eng.batchnorm_train_backward(&s, backward)?;
+        eng.batchnorm_backward(&s, backward)?;
         Ok(vec![
             Output::new("train y", &fetch(eng, &y, oy, n)?, BN_TOL),
             Output::new("saved", &eng.download(eng.all(&saved))?, BN_TOL),
@@ -462,14 +463,7 @@ impl Case for MaxPoolCase {
 fn maxpool_matches_cpu_twin_bit_for_bit() -> Result<()> {
     let twin = Twin::new(MatmulMode::Exact);
     for (i, (planes, in_h, in_w, kernel, stride, pad)) in MAXPOOL_SHAPES.into_iter().enumerate() {
-        let s = MaxPool {
-            planes,
-            in_h,
-            in_w,
-            kernel,
-            stride,
-            pad,
-        };
+        let s = MaxPool::new(planes, (in_h, in_w), (kernel, stride, pad));
         for ties in [true, false] {
             for offsets in [[0, 0, 0], [1, 3, 2]] {
                 let seed = 0x9001 + i as u64;
@@ -779,29 +773,31 @@ impl Case for ShapeErrors {
         let (x, short, affine) = (eng.zeros(20)?, eng.zeros(19)?, eng.zeros(4)?);
         let (mut y, mut saved, mut run) = (eng.zeros(20)?, eng.zeros(4)?, eng.zeros(4)?);
         let mut train = |x: &E::Buf, residual: Option<&E::Buf>| {
-            let a = BnTrainForward {
+            let a = BnForward {
                 x: eng.all(x),
                 affine: eng.all(&affine),
                 residual: residual.map(|r| eng.all(r)),
                 relu: false,
                 y: eng.all_mut(&mut y),
-                saved: eng.all_mut(&mut saved),
-                running: eng.all_mut(&mut run),
+                stats: BnStats::Batch {
+                    saved: eng.all_mut(&mut saved),
+                    running: eng.all_mut(&mut run),
+                },
             };
-            eng.batchnorm_train_forward(&s, a)
+            eng.batchnorm_forward(&s, a)
         };
         refused(train(&short, None), "batch norm input")?;
         refused(train(&x, Some(&short)), "residual")?;
         let eval = |s: &BatchNorm, len: usize, running: &E::Buf, y: &mut E::Buf| {
-            let a = BnEvalForward {
+            let a = BnForward {
                 x: eng.view(&x, 0..len),
                 affine: eng.view(&affine, 0..2 * s.channels),
-                running: eng.all(running),
                 residual: None,
                 relu: false,
                 y: eng.view_mut(y, 0..len),
+                stats: BnStats::Running(eng.all(running)),
             };
-            eng.batchnorm_eval_forward(s, a)
+            eng.batchnorm_forward(s, a)
         };
         refused(eval(&s, 20, &short, &mut y), "running")?;
         let empty = BatchNorm {
@@ -811,7 +807,7 @@ impl Case for ShapeErrors {
         };
         refused(eval(&empty, 0, &eng.zeros(0)?, &mut y), "empty")?;
         let (mut dy, mut dx, mut daffine) = (eng.zeros(20)?, eng.zeros(20)?, eng.zeros(3)?);
-        let backward = BnTrainBackward {
+        let backward = BnBackward {
             x: eng.all(&x),
             affine: eng.all(&affine),
             saved: eng.all(&saved),
@@ -820,19 +816,9 @@ impl Case for ShapeErrors {
             dx: eng.all_mut(&mut dx),
             daffine: eng.all_mut(&mut daffine),
         };
-        refused(
-            eng.batchnorm_train_backward(&s, backward),
-            "parameter gradient",
-        )?;
+        refused(eng.batchnorm_backward(&s, backward), "parameter gradient")?;
 
-        let pool = MaxPool {
-            planes: 2,
-            in_h: 4,
-            in_w: 5,
-            kernel: 3,
-            stride: 2,
-            pad: 1,
-        };
+        let pool = MaxPool::new(2, (4, 5), (3, 2, 1));
         let (px, mut py, mut pdx) = (eng.zeros(40)?, eng.zeros(2 * 2 * 3)?, eng.zeros(40)?);
         refused(
             eng.maxpool_forward(&pool, eng.view(&px, 0..39), eng.all_mut(&mut py)),
@@ -896,23 +882,16 @@ fn cuda_kernel_limits_are_reported() -> Result<()> {
         Backend::zeros(eng, 2 * 65_536)?,
     );
     let mut y = Backend::zeros(eng, 65_536)?;
-    let eval = BnEvalForward {
+    let eval = BnForward {
         x: eng.all(&x),
         affine: eng.all(&affine),
-        running: eng.all(&affine),
         residual: None,
         relu: false,
         y: eng.all_mut(&mut y),
+        stats: BnStats::Running(eng.all(&affine)),
     };
-    refused(eng.batchnorm_eval_forward(&wide, eval), "65535")?;
-    let pool = MaxPool {
-        planes: 2,
-        in_h: 4,
-        in_w: 5,
-        kernel: 3,
-        stride: 2,
-        pad: 1,
-    };
+    refused(eng.batchnorm_forward(&wide, eval), "65535")?;
+    let pool = MaxPool::new(2, (4, 5), (3, 2, 1));
     let (px, mut py) = (Backend::zeros(eng, 40)?, Backend::zeros(eng, 2 * 2 * 3)?);
     let padded = MaxPool { pad: 2, ..pool };
     refused(

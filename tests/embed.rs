@@ -2,20 +2,19 @@
 
 mod common;
 
-use common::{arg, assert_fails_with, assert_succeeds, random_store, slam};
+use common::{
+    arg, assert_fails_with, assert_files_exist, assert_succeeds, embed_on_cpu, net, random_store,
+    slam,
+};
 use slam_ags::checkpoint;
 use slam_ags::data::PatchStore;
-use slam_ags::embed::{Embeddings, FeatureKind, embed};
+use slam_ags::embed::{EmbedSettings, Embeddings, FeatureKind, embed};
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::mil::MilBag;
-use slam_ags::model::{ModelState, NetConfig};
+use slam_ags::model::ModelState;
 
 fn tiny_model() -> ModelState {
-    let config = NetConfig {
-        width: 4,
-        blocks: [1, 1, 1, 1],
-        out_dim: 8,
-    };
+    let config = net(4, [1, 1, 1, 1], 8);
     ModelState::init(config, 3).unwrap()
 }
 
@@ -29,37 +28,21 @@ fn embeddings_do_not_depend_on_the_batching_and_round_trip() {
         &CpuEngine,
         &state,
         &store,
-        FeatureKind::Projector,
-        12,
-        48,
+        EmbedSettings {
+            kind: FeatureKind::Projector,
+            crop: 12,
+            batch: 48,
+        },
         |d, t| calls.push((d, t)),
     )
     .unwrap();
     assert_eq!(calls, [(48, 48)]);
     assert_eq!((whole.len(), whole.dim), (48, 8));
-    let pieces = embed(
-        &CpuEngine,
-        &state,
-        &store,
-        FeatureKind::Projector,
-        12,
-        5,
-        |_, _| {},
-    )
-    .unwrap();
+    let pieces = embed_on_cpu(&state, &store, FeatureKind::Projector, 5);
     for (a, b) in whole.features.iter().zip(&pieces.features) {
         assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
     }
-    let encoder = embed(
-        &CpuEngine,
-        &state,
-        &store,
-        FeatureKind::Encoder,
-        12,
-        16,
-        |_, _| {},
-    )
-    .unwrap();
+    let encoder = embed_on_cpu(&state, &store, FeatureKind::Encoder, 16);
     assert_eq!(encoder.dim, 32);
     assert_eq!(whole.bags, store.bags());
     assert_eq!(whole.instances[0], Some(true));
@@ -101,29 +84,21 @@ fn embed_then_mil_from_the_command_line() {
     let model = dir.path().join("m.safetensors");
     checkpoint::save(&model, &tiny_model()).unwrap();
     let emb = dir.path().join("e.safetensors");
-    let out = slam(&[
-        "embed",
-        arg(&model),
-        arg(&store),
-        "--out",
-        arg(&emb),
-        "--crop",
-        "12",
-    ]);
-    let text = assert_succeeds(&out);
-    assert!(text.contains("embedded 48 patches in 4 bags"), "{text}");
-    assert_fails_with(
-        &slam(&[
+    let embed_into = |out| {
+        [
             "embed",
             arg(&model),
             arg(&store),
             "--out",
-            arg(&emb),
+            out,
             "--crop",
             "12",
-        ]),
-        &["exists; pass --force"],
-    );
+        ]
+    };
+    let command = embed_into(arg(&emb));
+    let text = assert_succeeds(&slam(&command));
+    assert!(text.contains("embedded 48 patches in 4 bags"), "{text}");
+    assert_fails_with(&slam(&command), &["exists; pass --force"]);
     assert_fails_with(
         &slam(&[
             "embed",
@@ -163,14 +138,13 @@ fn embed_then_mil_from_the_command_line() {
     let text = assert_succeeds(&out);
     assert!(text.contains("4 bags: F1"), "{text}");
     assert!(text.contains("in the top 2 per abnormal bag"), "{text}");
-    for file in [
+    let files = [
         "mil.safetensors",
         "predictions.csv",
         "attention.csv",
         "metrics.json",
-    ] {
-        assert!(mil.join(file).exists(), "{file} missing");
-    }
+    ];
+    assert_files_exist(&mil, &files);
     let predictions = std::fs::read_to_string(mil.join("predictions.csv")).unwrap();
     assert_eq!(predictions.lines().count(), 5, "{predictions}");
     assert!(predictions.starts_with("bag,label,probability,predicted\nabnormal_0,abnormal,"));
@@ -184,31 +158,22 @@ fn embed_then_mil_from_the_command_line() {
 
     let again = dir.path().join("eval");
     let model_file = mil.join("mil.safetensors");
-    let text = assert_succeeds(&slam(&[
+    let eval = [
         "mil",
         "eval",
         arg(&model_file),
         arg(&emb),
         "--out",
         arg(&again),
-    ]));
+    ];
+    let text = assert_succeeds(&slam(&eval));
     assert!(text.contains("4 bags: F1"), "{text}");
     assert_eq!(
         std::fs::read_to_string(again.join("predictions.csv")).unwrap(),
         predictions,
         "eval of the saved head differs from the evaluation after training"
     );
-    assert_fails_with(
-        &slam(&[
-            "mil",
-            "eval",
-            arg(&model_file),
-            arg(&emb),
-            "--out",
-            arg(&again),
-        ]),
-        &["is not empty; pass --force"],
-    );
+    assert_fails_with(&slam(&eval), &["is not empty; pass --force"]);
     assert_fails_with(
         &slam(&[
             "mil",
@@ -222,15 +187,7 @@ fn embed_then_mil_from_the_command_line() {
     );
     // Encoder features (32-dimensional) into a head trained on projector features (8).
     let enc = dir.path().join("enc.safetensors");
-    let args = [
-        "embed",
-        arg(&model),
-        arg(&store),
-        "--out",
-        arg(&enc),
-        "--crop",
-        "12",
-    ];
+    let args = embed_into(arg(&enc));
     assert_succeeds(&slam(&[&args[..], &["--features", "encoder"]].concat()));
     let (y, z) = (dir.path().join("y"), dir.path().join("z"));
     assert_fails_with(

@@ -11,14 +11,13 @@ use std::path::Path;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use common::random_store;
+use common::{embed_on_cpu, net, random_store};
 use slam_ags::checkpoint::{self, TensorFile};
 use slam_ags::data::PatchStore;
 use slam_ags::data::build::pack::{ImageOptions, PackOptions, pack_folder};
-use slam_ags::embed::{Embeddings, FeatureKind, embed};
-use slam_ags::engine::cpu::CpuEngine;
+use slam_ags::embed::{Embeddings, FeatureKind};
 use slam_ags::mil::{Adam, MilBag, MilHead, MilTrainConfig, report};
-use slam_ags::model::{ModelState, NetConfig, NetSpec};
+use slam_ags::model::{ModelState, NetSpec};
 use slam_ags::pretrain::PretrainConfig;
 
 fn config(default_cases: u32) -> ProptestConfig {
@@ -81,25 +80,12 @@ fn samples() -> &'static Samples {
     SAMPLES.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let store_path = random_store(dir.path());
-        let net = NetConfig {
-            width: 4,
-            blocks: [1, 1, 1, 1],
-            out_dim: 8,
-        };
+        let net = net(4, [1, 1, 1, 1], 8);
         let state = ModelState::init(net, 1).unwrap();
         let model_path = dir.path().join("m.safetensors");
         checkpoint::save(&model_path, &state).unwrap();
         let store = PatchStore::open(&store_path).unwrap();
-        let e = embed(
-            &CpuEngine,
-            &state,
-            &store,
-            FeatureKind::Projector,
-            12,
-            48,
-            |_, _| {},
-        )
-        .unwrap();
+        let e = embed_on_cpu(&state, &store, FeatureKind::Projector, 48);
         let e_path = dir.path().join("e.safetensors");
         e.save(&e_path).unwrap();
         let train = MilTrainConfig {

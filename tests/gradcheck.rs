@@ -51,7 +51,7 @@ mod common;
 use std::ops::Range;
 
 use common::reference::{self, rows_of_views};
-use common::{conv, uniform_in};
+use common::{net, uniform_in};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -60,8 +60,8 @@ use slam_ags::data::input::batch::HostBatch;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::prelude::*;
 use slam_ags::engine::{
-    AvgPool, BatchNorm, BnEvalForward, BnTrainBackward, BnTrainForward, Conv2d, ConvBackward,
-    Linear, LinearBackward, LinearForward, LossViews, MaxPool, ViewPair,
+    AvgPool, BatchNorm, BnBackward, BnForward, BnStats, Conv2d, ConvBackward, Linear,
+    LinearBackward, LinearForward, LossViews, MaxPool, ViewPair,
 };
 use slam_ags::model::network::{BnParams, ConvParams, LinearParams};
 use slam_ags::model::{
@@ -295,6 +295,25 @@ fn check_points(
         dirs.len()
     );
     worst
+}
+
+/// The parameter and input gradients of a layer's `backward(dparams, Some(dx))` (its
+/// accumulation checked by [`accumulated`]), and the parameter gradient of
+/// `backward(dparams, None)`.
+fn with_and_without_dx(
+    rng: &mut ChaCha8Rng,
+    name: &str,
+    [param_len, in_len]: [usize; 2],
+    mut backward: impl FnMut(&mut [f32], Option<&mut [f32]>),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut grads = accumulated(rng, name, &[param_len, in_len], |g| {
+        let (dp, dx) = g.split_at_mut(1);
+        backward(&mut dp[0], Some(&mut dx[0]));
+    });
+    let mut params_only = vec![0.0; param_len];
+    backward(&mut params_only, None);
+    let dx = grads.pop().expect("two gradients");
+    (grads.pop().expect("two gradients"), dx, params_only)
 }
 
 /// Runs `op`, which accumulates into buffers of the given lengths, once from zero and once
@@ -574,17 +593,7 @@ fn conv_forward(s: &Conv2d, x: &[f32], w: &[f32]) -> Vec<f32> {
 }
 
 fn conv_case(seed: u64, s: Conv2d) {
-    let tag = format!(
-        "conv {k}x{k} s{} p{} {}->{} n{} {}x{}",
-        s.stride,
-        s.pad,
-        s.in_channels,
-        s.out_channels,
-        s.batch,
-        s.in_h,
-        s.in_w,
-        k = s.kernel,
-    );
+    let tag = format!("{s:?}");
     let mut rng = rng(seed);
     let fan_in = s.in_channels * s.kernel * s.kernel;
     let x = normal(&mut rng, s.in_len(), 0.0, 1.0);
@@ -598,75 +607,60 @@ fn conv_case(seed: u64, s: Conv2d) {
         "{tag}: forward differs from direct loops by {err:.2e}"
     );
 
-    let grads = accumulated(&mut rng, &tag, &[s.weight_len(), s.in_len()], |g| {
-        let (dw, dx) = g.split_at_mut(1);
-        ENG.conv2d_backward(
-            &s,
-            ConvBackward {
-                x: &x,
-                w: &w,
-                dy: &r,
-                dw: &mut dw[0],
-                dx: Some(&mut dx[0]),
-            },
-        )
-        .unwrap();
-    });
-    let (dw, dx) = (&grads[0], &grads[1]);
-    let mut dw_only = vec![0.0; s.weight_len()];
-    ENG.conv2d_backward(
-        &s,
-        ConvBackward {
-            x: &x,
-            w: &w,
-            dy: &r,
-            dw: &mut dw_only,
-            dx: None,
-        },
-    )
-    .unwrap();
+    let backward = |dw: &mut [f32], dx: Option<&mut [f32]>| {
+        let a = ConvBackward {
+            x: &x[..],
+            w: &w[..],
+            dy: &r[..],
+            dw,
+            dx,
+        };
+        ENG.conv2d_backward(&s, a).unwrap();
+    };
+    let (dw, dx, dw_only) =
+        with_and_without_dx(&mut rng, &tag, [s.weight_len(), s.in_len()], backward);
     assert!(
-        rel_diff(&dw_only, dw) <= 1e-6,
+        rel_diff(&dw_only, &dw) <= 1e-6,
         "{tag}: dw without dx differs"
     );
 
     // Linear in each input: a large step.
     let coords = if s.in_len() <= 400 { 400 } else { 0 };
-    let dirs = directions(&mut rng, dx, 4, coords);
-    check(&format!("{tag}: dx"), &x, dx, 0.1, &dirs, |x| {
+    let dirs = directions(&mut rng, &dx, 4, coords);
+    check(&format!("{tag}: dx"), &x, &dx, 0.1, &dirs, |x| {
         Eval::smooth(dot(&r, &conv_forward(&s, x, &w)))
     });
-    let dirs = directions(&mut rng, dw, 4, 200);
-    check(&format!("{tag}: dw"), &w, dw, 0.1 * rms(&w), &dirs, |w| {
+    let dirs = directions(&mut rng, &dw, 4, 200);
+    check(&format!("{tag}: dw"), &w, &dw, 0.1 * rms(&w), &dirs, |w| {
         Eval::smooth(dot(&r, &conv_forward(&s, &x, w)))
     });
 }
 
 #[test]
 fn gradcheck_conv2d_3x3() {
-    conv_case(11, conv(2, (3, 5), (9, 11), (3, 1, 1)));
-    conv_case(12, conv(3, (4, 3), (8, 8), (3, 2, 1)));
-    conv_case(13, conv(2, (2, 3), (9, 7), (3, 2, 0)));
+    conv_case(11, Conv2d::new(2, (3, 5), (9, 11), (3, 1, 1)));
+    conv_case(12, Conv2d::new(3, (4, 3), (8, 8), (3, 2, 1)));
+    conv_case(13, Conv2d::new(2, (2, 3), (9, 7), (3, 2, 0)));
 }
 
 #[test]
 fn gradcheck_conv2d_7x7_stride2_pad3() {
-    conv_case(21, conv(3, (3, 4), (13, 10), (7, 2, 3)));
+    conv_case(21, Conv2d::new(3, (3, 4), (13, 10), (7, 2, 3)));
     // Smaller than the kernel: most taps fall in the padding.
-    conv_case(22, conv(2, (2, 3), (5, 4), (7, 2, 3)));
+    conv_case(22, Conv2d::new(2, (2, 3), (5, 4), (7, 2, 3)));
 }
 
 #[test]
 fn gradcheck_conv2d_1x1() {
     // The pointwise path (no unfolding) and the strided downsample.
-    conv_case(31, conv(2, (3, 4), (5, 6), (1, 1, 0)));
-    conv_case(32, conv(3, (4, 6), (7, 9), (1, 2, 0)));
+    conv_case(31, Conv2d::new(2, (3, 4), (5, 6), (1, 1, 0)));
+    conv_case(32, Conv2d::new(3, (4, 6), (7, 9), (1, 2, 0)));
 }
 
 #[test]
 fn gradcheck_conv2d_batch_in_chunks() {
     // Over a million unfolded values per image: one image per chunk, two chunks.
-    conv_case(41, conv(2, (32, 3), (63, 65), (3, 1, 1)));
+    conv_case(41, Conv2d::new(2, (32, 3), (63, 65), (3, 1, 1)));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -729,16 +723,18 @@ impl BnInputs {
         let mut y = vec![f32::NAN; self.s.len()];
         let mut saved = vec![f32::NAN; 2 * c];
         let mut running = [vec![0.0; c], vec![1.0; c]].concat();
-        ENG.batchnorm_train_forward(
+        ENG.batchnorm_forward(
             &self.s,
-            BnTrainForward {
+            BnForward {
                 x,
                 affine,
                 residual,
                 relu,
                 y: &mut y,
-                saved: &mut saved,
-                running: &mut running,
+                stats: BnStats::Batch {
+                    saved: &mut saved,
+                    running: &mut running,
+                },
             },
         )
         .unwrap();
@@ -764,9 +760,9 @@ fn batchnorm_case(seed: u64, channels: usize, per_channel: usize, residual: bool
         dx.fill(f32::NAN);
         let relu_out = relu.then_some(&y[..]);
         let (x, affine) = (&bn.x, &bn.affine);
-        ENG.batchnorm_train_backward(
+        ENG.batchnorm_backward(
             &bn.s,
-            BnTrainBackward {
+            BnBackward {
                 x,
                 affine,
                 saved: &saved,
@@ -854,15 +850,15 @@ fn gradcheck_batchnorm_eval_forward_and_running_stats() {
         };
         let mut y = vec![f32::NAN; bn.s.len()];
         let (x, affine) = (&bn.x, &bn.affine);
-        ENG.batchnorm_eval_forward(
+        ENG.batchnorm_forward(
             &bn.s,
-            BnEvalForward {
+            BnForward {
                 x,
                 affine,
-                running: &running,
                 residual: res,
                 relu,
                 y: &mut y,
+                stats: BnStats::Running(&running[..]),
             },
         )
         .unwrap();
@@ -885,16 +881,18 @@ fn gradcheck_batchnorm_eval_forward_and_running_stats() {
     let (mut saved, mut y, mut updated) =
         (vec![0.0; 2 * c], vec![0.0; bn.s.len()], running.clone());
     let (x, affine) = (&bn.x, &bn.affine);
-    ENG.batchnorm_train_forward(
+    ENG.batchnorm_forward(
         &bn.s,
-        BnTrainForward {
+        BnForward {
             x,
             affine,
             residual: None,
             relu: false,
             y: &mut y,
-            saved: &mut saved,
-            running: &mut updated,
+            stats: BnStats::Batch {
+                saved: &mut saved,
+                running: &mut updated,
+            },
         },
     )
     .unwrap();
@@ -935,15 +933,7 @@ fn gradcheck_batchnorm_eval_forward_and_running_stats() {
 // ---------------------------------------------------------------------------------------
 
 fn maxpool_case(seed: u64, s: MaxPool) {
-    let tag = format!(
-        "maxpool {k}x{k} s{} p{} planes {} {}x{}",
-        s.stride,
-        s.pad,
-        s.planes,
-        s.in_h,
-        s.in_w,
-        k = s.kernel,
-    );
+    let tag = format!("{s:?}");
     let mut rng = rng(seed);
     let len = s.planes * s.in_h * s.in_w;
     let out_len = s.planes * s.out_h() * s.out_w();
@@ -973,29 +963,14 @@ fn maxpool_case(seed: u64, s: MaxPool) {
     });
 }
 
-fn maxpool(
-    planes: usize,
-    (in_h, in_w): (usize, usize),
-    (kernel, stride, pad): (usize, usize, usize),
-) -> MaxPool {
-    MaxPool {
-        planes,
-        in_h,
-        in_w,
-        kernel,
-        stride,
-        pad,
-    }
-}
-
 #[test]
 fn gradcheck_maxpool() {
     // The stem's pool on odd and even sizes.
-    maxpool_case(91, maxpool(6, (9, 11), (3, 2, 1)));
-    maxpool_case(92, maxpool(4, (10, 10), (3, 2, 1)));
+    maxpool_case(91, MaxPool::new(6, (9, 11), (3, 2, 1)));
+    maxpool_case(92, MaxPool::new(4, (10, 10), (3, 2, 1)));
     // Non-overlapping 2x2 dropping the last column; overlapping windows at stride 1.
-    maxpool_case(93, maxpool(4, (8, 7), (2, 2, 0)));
-    maxpool_case(94, maxpool(5, (7, 6), (3, 1, 1)));
+    maxpool_case(93, MaxPool::new(4, (8, 7), (2, 2, 0)));
+    maxpool_case(94, MaxPool::new(5, (7, 6), (3, 1, 1)));
 }
 
 #[test]
@@ -1055,50 +1030,33 @@ fn linear_case(seed: u64, s: Linear, relu: bool) {
     let y = forward(&x, &wb);
     let relu_out = relu.then_some(&y[..]);
     let mut dy = r.clone();
-    let grads = accumulated(&mut rng, &tag, &[s.param_len(), x.len()], |g| {
+    let backward = |dwb: &mut [f32], dx: Option<&mut [f32]>| {
         dy.copy_from_slice(&r);
-        let (dwb, dx) = g.split_at_mut(1);
-        ENG.linear_backward(
-            &s,
-            LinearBackward {
-                x: &x,
-                wb: &wb,
-                relu_out,
-                dy: &mut dy,
-                dwb: &mut dwb[0],
-                dx: Some(&mut dx[0]),
-            },
-        )
-        .unwrap();
-    });
-    let (dwb, dx) = (&grads[0], &grads[1]);
-    let mut dwb_only = vec![0.0; s.param_len()];
-    dy.copy_from_slice(&r);
-    ENG.linear_backward(
-        &s,
-        LinearBackward {
-            x: &x,
-            wb: &wb,
+        let a = LinearBackward {
+            x: &x[..],
+            wb: &wb[..],
             relu_out,
-            dy: &mut dy,
-            dwb: &mut dwb_only,
-            dx: None,
-        },
-    )
-    .unwrap();
-    assert_eq!(&dwb_only, dwb, "{tag}: d[W;b] without dx differs");
+            dy: &mut dy[..],
+            dwb,
+            dx,
+        };
+        ENG.linear_backward(&s, a).unwrap();
+    };
+    let (dwb, dx, dwb_only) =
+        with_and_without_dx(&mut rng, &tag, [s.param_len(), x.len()], backward);
+    assert_eq!(&dwb_only, &dwb, "{tag}: d[W;b] without dx differs");
 
     // Linear up to the ReLU's kinks: a large step without them.
     let h = if relu { 1e-2 } else { 0.1 };
-    let dirs = directions(&mut rng, dx, 6, 100);
-    check(&format!("{tag}: dx"), &x, dx, h, &dirs, |x| {
+    let dirs = directions(&mut rng, &dx, 6, 100);
+    check(&format!("{tag}: dx"), &x, &dx, h, &dirs, |x| {
         Eval::weighted(&r, &forward(x, &wb), relu)
     });
-    let dirs = directions(&mut rng, dwb, 6, 100);
+    let dirs = directions(&mut rng, &dwb, 6, 100);
     check(
         &format!("{tag}: d[W;b]"),
         &wb,
-        dwb,
+        &dwb,
         h * bound,
         &dirs,
         |wb| Eval::weighted(&r, &forward(&x, wb), relu),
@@ -1432,11 +1390,7 @@ fn network_case(seed: u64, config: NetConfig, batch: usize, crop: usize, objecti
 
 #[test]
 fn gradcheck_network_one_block_per_stage() {
-    let config = NetConfig {
-        width: 4,
-        blocks: [1, 1, 1, 1],
-        out_dim: 8,
-    };
+    let config = net(4, [1, 1, 1, 1], 8);
     network_case(141, config, 3, 20, Objective::Projection);
     network_case(142, config, 4, 32, Objective::Loss(Loss::NtXent, 0.2));
 }
@@ -1444,11 +1398,7 @@ fn gradcheck_network_one_block_per_stage() {
 #[test]
 fn gradcheck_network_identity_shortcut() {
     // Stage 0's second block has an identity shortcut; later stages downsample.
-    let config = NetConfig {
-        width: 4,
-        blocks: [2, 1, 1, 1],
-        out_dim: 8,
-    };
+    let config = net(4, [2, 1, 1, 1], 8);
     network_case(151, config, 3, 20, Objective::Loss(Loss::NtXent, 0.07));
     network_case(152, config, 3, 24, Objective::Loss(Loss::Cohesion, 0.2));
 }
@@ -1461,11 +1411,7 @@ fn gradcheck_network_identity_shortcut() {
 /// reference), along each gradient's direction, a random one and a few tensors' own.
 #[test]
 fn gradcheck_trainer_task_gradients() {
-    let config = NetConfig {
-        width: 4,
-        blocks: [1, 1, 1, 1],
-        out_dim: 8,
-    };
+    let config = net(4, [1, 1, 1, 1], 8);
     let (net, state) = random_state(config, 161);
     let (n_pos, n_neg, crop, t) = (3, 4, 20, 0.2);
     let batch = StepBatch::upload(&ENG, &HostBatch::random(n_pos, n_neg, crop, 162)).unwrap();
@@ -1551,11 +1497,7 @@ fn gradcheck_trainer_task_gradients() {
 /// reference, and its independence of the other images in the batch.
 #[test]
 fn network_eval_forward_matches_reference() {
-    let config = NetConfig {
-        width: 4,
-        blocks: [1, 1, 2, 1],
-        out_dim: 8,
-    };
+    let config = net(4, [1, 1, 2, 1], 8);
     let (net, mut state) = random_state(config, 171);
     let mut rng = rng(172);
     for bn in net.bns() {

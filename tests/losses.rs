@@ -25,6 +25,28 @@ enum Loss {
     Cohesion,
 }
 
+impl Loss {
+    /// The CPU engine's loss of views `z` into gradients `dz`.
+    fn on_cpu(
+        self,
+        s: &ViewPair,
+        t: f32,
+        [z_i, z_j]: [&[f32]; 2],
+        [dz_i, dz_j]: [&mut [f32]; 2],
+    ) -> anyhow::Result<f32> {
+        let views = LossViews {
+            z_i,
+            z_j,
+            dz_i,
+            dz_j,
+        };
+        match self {
+            Loss::NtXent => CpuEngine.ntxent(s, t, views),
+            Loss::Cohesion => CpuEngine.cohesion(s, t, views),
+        }
+    }
+}
+
 /// Runs the engine on `2n` rows (`rows[..n]` are view i, `rows[n..]` view j) given in f64
 /// (rounded to f32 on the way in). Returns the loss and the gradient as rows.
 fn engine_loss(loss: Loss, rows: &Rows, t: f64) -> (f64, Rows) {
@@ -43,29 +65,9 @@ fn engine_loss(loss: Loss, rows: &Rows, t: f64) -> (f64, Rows) {
     let (z_i, z_j) = (pack(&rows[..n]), pack(&rows[n..]));
     let (mut dz_i, mut dz_j) = (vec![f32::NAN; dim * n], vec![f32::NAN; dim * n]);
     let s = ViewPair { dim, n };
-    let value = match loss {
-        Loss::NtXent => CpuEngine.ntxent(
-            &s,
-            t as f32,
-            LossViews {
-                z_i: &z_i,
-                z_j: &z_j,
-                dz_i: &mut dz_i,
-                dz_j: &mut dz_j,
-            },
-        ),
-        Loss::Cohesion => CpuEngine.cohesion(
-            &s,
-            t as f32,
-            LossViews {
-                z_i: &z_i,
-                z_j: &z_j,
-                dz_i: &mut dz_i,
-                dz_j: &mut dz_j,
-            },
-        ),
-    }
-    .unwrap();
+    let value = loss
+        .on_cpu(&s, t as f32, [&z_i, &z_j], [&mut dz_i, &mut dz_j])
+        .unwrap();
     let unpack = |dz: &[f32]| -> Rows {
         (0..n)
             .map(|a| (0..dim).map(|k| dz[k * n + a] as f64).collect())
@@ -446,17 +448,8 @@ fn bad_shapes_are_errors() {
     let mut d2 = vec![0.0f32; 12];
     let ok = ViewPair { dim: 4, n: 3 };
     assert!(
-        CpuEngine
-            .cohesion(
-                &ok,
-                0.1,
-                LossViews {
-                    z_i: &z,
-                    z_j: &z,
-                    dz_i: &mut d1,
-                    dz_j: &mut d2
-                }
-            )
+        Loss::Cohesion
+            .on_cpu(&ok, 0.1, [&z, &z], [&mut d1, &mut d2])
             .is_ok()
     );
     for s in [
@@ -465,46 +458,19 @@ fn bad_shapes_are_errors() {
         ViewPair { dim: 5, n: 3 },
     ] {
         assert!(
-            CpuEngine
-                .ntxent(
-                    &s,
-                    0.1,
-                    LossViews {
-                        z_i: &z,
-                        z_j: &z,
-                        dz_i: &mut d1,
-                        dz_j: &mut d2
-                    }
-                )
+            Loss::NtXent
+                .on_cpu(&s, 0.1, [&z, &z], [&mut d1, &mut d2])
                 .is_err()
         );
         assert!(
-            CpuEngine
-                .cohesion(
-                    &s,
-                    0.1,
-                    LossViews {
-                        z_i: &z,
-                        z_j: &z,
-                        dz_i: &mut d1,
-                        dz_j: &mut d2
-                    }
-                )
+            Loss::Cohesion
+                .on_cpu(&s, 0.1, [&z, &z], [&mut d1, &mut d2])
                 .is_err()
         );
     }
     assert!(
-        CpuEngine
-            .ntxent(
-                &ok,
-                0.1,
-                LossViews {
-                    z_i: &z,
-                    z_j: &z[1..],
-                    dz_i: &mut d1,
-                    dz_j: &mut d2
-                }
-            )
+        Loss::NtXent
+            .on_cpu(&ok, 0.1, [&z, &z[1..]], [&mut d1, &mut d2])
             .is_err()
     );
 }

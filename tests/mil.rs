@@ -5,8 +5,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use slam_ags::mil::{
-    self, AbMil, Adam, AdamState, MilBag, MilConfig, MilTrainConfig, bag_metrics, bce_with_logit,
-    metrics::auc, retrieval,
+    self, AbMil, Adam, AdamState, MilBag, MilConfig, MilForward, MilTrainConfig, bag_metrics,
+    bce_with_logit, metrics::auc, retrieval,
 };
 
 fn random(len: usize, seed: u64) -> Vec<f64> {
@@ -18,13 +18,32 @@ fn loss(model: &AbMil, params: &[f64], x: &[f64], label: bool) -> f64 {
     bce_with_logit(model.forward(params, x).logit, label)
 }
 
+/// A head of `(d, l, a)` initialized with `init`, a random bag of `n` instances drawn with
+/// `seed`, and the head's forward pass over it.
+fn head_on_a_bag(
+    (d, l, a): (usize, usize, usize),
+    init: u64,
+    (n, seed): (usize, u64),
+) -> (AbMil, Vec<f64>, Vec<f64>, MilForward) {
+    let model = head(d, l, a);
+    let params = model.init(init);
+    let x = random(n * d, seed);
+    let forward = model.forward(&params, &x);
+    (model, params, x, forward)
+}
+
+/// An untrained head of `d` inputs, `l` hidden units and `a` attention units.
+fn head(d: usize, l: usize, a: usize) -> AbMil {
+    AbMil::new(MilConfig {
+        input_dim: d,
+        hidden: l,
+        attention: a,
+    })
+}
+
 #[test]
 fn backward_matches_finite_differences() {
-    let model = AbMil::new(MilConfig {
-        input_dim: 5,
-        hidden: 6,
-        attention: 3,
-    });
+    let model = head(5, 6, 3);
     for (seed, label) in [(1, true), (2, false), (3, true)] {
         // Larger-than-init parameters so the attention is far from uniform.
         let params: Vec<f64> = random(model.param_len(), seed)
@@ -55,14 +74,7 @@ fn backward_matches_finite_differences() {
 
 #[test]
 fn backward_accumulates() {
-    let model = AbMil::new(MilConfig {
-        input_dim: 3,
-        hidden: 4,
-        attention: 2,
-    });
-    let params = model.init(0);
-    let x = random(4 * 3, 5);
-    let forward = model.forward(&params, &x);
+    let (model, params, x, forward) = head_on_a_bag((3, 4, 2), 0, (4, 5));
     let mut once = vec![0.0; params.len()];
     model.backward(&params, &x, &forward, true, &mut once);
     let mut twice = once.clone();
@@ -74,14 +86,7 @@ fn backward_accumulates() {
 
 #[test]
 fn prediction_ignores_instance_order_and_attention_is_a_distribution() {
-    let model = AbMil::new(MilConfig {
-        input_dim: 4,
-        hidden: 8,
-        attention: 4,
-    });
-    let params = model.init(3);
-    let x = random(6 * 4, 9);
-    let forward = model.forward(&params, &x);
+    let (model, params, x, forward) = head_on_a_bag((4, 8, 4), 3, (6, 9));
     assert!((forward.attention.iter().sum::<f64>() - 1.0).abs() < 1e-12);
     let mut reversed = Vec::new();
     for row in x.chunks(4).rev() {
@@ -196,11 +201,7 @@ fn toy_bags(count: usize, seed: u64) -> Vec<MilBag> {
 
 #[test]
 fn learns_a_toy_task_and_finds_the_witnesses() {
-    let model = AbMil::new(MilConfig {
-        input_dim: 6,
-        hidden: 16,
-        attention: 8,
-    });
+    let model = head(6, 16, 8);
     let config = MilTrainConfig {
         epochs: 40,
         adam: Adam {

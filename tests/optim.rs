@@ -10,6 +10,7 @@ mod common;
 
 use common::in_pool;
 use common::metrics::max_error_over_mean_magnitude;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
@@ -50,6 +51,40 @@ impl ReferenceSgd {
     }
 }
 
+/// Parameters of scale `param_scale` and two gradients of scale 1, `len` values each.
+fn random_buffers(seed: u64, len: usize, param_scale: f32) -> [Vec<f32>; 3] {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    [param_scale, 1.0, 1.0].map(|scale| random_vec(&mut rng, len, scale))
+}
+
+/// An update with momentum 0.9 (the reference's).
+fn with_momentum_09((alpha, beta): (f32, f32), lr: f32, weight_decay: f32) -> SgdUpdate {
+    SgdUpdate {
+        alpha,
+        beta,
+        lr,
+        momentum: 0.9,
+        weight_decay,
+    }
+}
+
+/// The engine's fused update on host slices.
+fn sgd_step(
+    u: &SgdUpdate,
+    g1: &[f32],
+    g2: &[f32],
+    params: &mut [f32],
+    momentum: &mut [f32],
+) -> anyhow::Result<()> {
+    let buffers = SgdBuffers {
+        g1,
+        g2,
+        params,
+        momentum,
+    };
+    CpuEngine.sgd_step(u, buffers)
+}
+
 #[test]
 fn sgd_step_matches_pytorch_sgd_over_several_steps() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -78,17 +113,7 @@ fn sgd_step_matches_pytorch_sgd_over_several_steps() {
                 momentum,
                 weight_decay,
             };
-            CpuEngine
-                .sgd_step(
-                    &u,
-                    SgdBuffers {
-                        g1: &g1,
-                        g2: &g2,
-                        params: &mut params,
-                        momentum: &mut buf,
-                    },
-                )
-                .unwrap();
+            sgd_step(&u, &g1, &g2, &mut params, &mut buf).unwrap();
             reference.step(&u, &g1, &g2);
             let (p_err, b_err) = (
                 max_error_over_mean_magnitude(&params, &reference.params),
@@ -105,33 +130,12 @@ fn sgd_step_matches_pytorch_sgd_over_several_steps() {
 
 #[test]
 fn first_step_from_zero_momentum_is_buf_equals_d_exactly() {
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
     let len = 40_000;
-    let params = random_vec(&mut rng, len, 2.0);
-    let (g1, g2) = (
-        random_vec(&mut rng, len, 1.0),
-        random_vec(&mut rng, len, 1.0),
-    );
-    let u = SgdUpdate {
-        alpha: 1.37,
-        beta: 0.61,
-        lr: 0.01,
-        momentum: 0.9,
-        weight_decay: 1e-4,
-    };
+    let [params, g1, g2] = random_buffers(2, len, 2.0);
+    let u = with_momentum_09((1.37, 0.61), 0.01, 1e-4);
     let mut p = params.clone();
     let mut buf = vec![0.0f32; len];
-    CpuEngine
-        .sgd_step(
-            &u,
-            SgdBuffers {
-                g1: &g1,
-                g2: &g2,
-                params: &mut p,
-                momentum: &mut buf,
-            },
-        )
-        .unwrap();
+    sgd_step(&u, &g1, &g2, &mut p, &mut buf).unwrap();
     for i in 0..len {
         // PyTorch's first step clones d into the buffer: no momentum term at all.
         let d = (u.alpha * g1[i] + u.beta * g2[i]) + u.weight_decay * params[i];
@@ -146,35 +150,14 @@ fn first_step_from_zero_momentum_is_buf_equals_d_exactly() {
 
 #[test]
 fn sgd_step_ignores_the_thread_count_and_checks_lengths() {
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
     let len = 100_003;
-    let params = random_vec(&mut rng, len, 1.0);
-    let (g1, g2) = (
-        random_vec(&mut rng, len, 1.0),
-        random_vec(&mut rng, len, 1.0),
-    );
-    let u = SgdUpdate {
-        alpha: 0.8,
-        beta: 1.1,
-        lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 1e-3,
-    };
+    let [params, g1, g2] = random_buffers(3, len, 1.0);
+    let u = with_momentum_09((0.8, 1.1), 0.05, 1e-3);
     let run = |threads: usize| {
         let (mut p, mut m) = (params.clone(), vec![0.5f32; len]);
         in_pool(threads, || {
             for _ in 0..3 {
-                CpuEngine
-                    .sgd_step(
-                        &u,
-                        SgdBuffers {
-                            g1: &g1,
-                            g2: &g2,
-                            params: &mut p,
-                            momentum: &mut m,
-                        },
-                    )
-                    .unwrap();
+                sgd_step(&u, &g1, &g2, &mut p, &mut m).unwrap();
             }
         });
         (p, m)
@@ -195,45 +178,9 @@ fn sgd_step_ignores_the_thread_count_and_checks_lengths() {
     assert_ne!(one.0, params);
 
     let (mut p, mut m) = (params.clone(), vec![0.0f32; len]);
-    assert!(
-        CpuEngine
-            .sgd_step(
-                &u,
-                SgdBuffers {
-                    g1: &g1[1..],
-                    g2: &g2,
-                    params: &mut p,
-                    momentum: &mut m
-                }
-            )
-            .is_err()
-    );
-    assert!(
-        CpuEngine
-            .sgd_step(
-                &u,
-                SgdBuffers {
-                    g1: &g1,
-                    g2: &g2[1..],
-                    params: &mut p,
-                    momentum: &mut m
-                }
-            )
-            .is_err()
-    );
-    assert!(
-        CpuEngine
-            .sgd_step(
-                &u,
-                SgdBuffers {
-                    g1: &g1,
-                    g2: &g2,
-                    params: &mut p,
-                    momentum: &mut m[1..]
-                }
-            )
-            .is_err()
-    );
+    assert!(sgd_step(&u, &g1[1..], &g2, &mut p, &mut m).is_err());
+    assert!(sgd_step(&u, &g1, &g2[1..], &mut p, &mut m).is_err());
+    assert!(sgd_step(&u, &g1, &g2, &mut p, &mut m[1..]).is_err());
     assert_eq!(p, params, "a rejected step must not touch the parameters");
 }
 

@@ -242,24 +242,15 @@ fn orthogonal_gradients_are_not_projected() {
     // Disjoint supports: g1.g2 is exactly zero, in f64 and through the engine's f32 pass.
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let n = 1001;
-    let g1: Vec<f64> = (0..n)
-        .map(|i| {
-            if i % 2 == 0 {
-                rng.random_range(-1.0..1.0)
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let g2: Vec<f64> = (0..n)
-        .map(|i| {
-            if i % 2 == 1 {
-                rng.random_range(-1.0..1.0)
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    // Nonzero on alternate entries: g1 on the even ones, g2 on the odd ones.
+    let [g1, g2]: [Vec<f64>; 2] = [0, 1].map(|parity| {
+        (0..n)
+            .map(|i| match i % 2 == parity {
+                true => rng.random_range(-1.0..1.0),
+                false => 0.0,
+            })
+            .collect()
+    });
     let (g1, g2) = (to_f64(&to_f32(&g1)), to_f64(&to_f32(&g2)));
     let dots = CpuEngine.grad_dots(&to_f32(&g1), &to_f32(&g2)).unwrap();
     assert_eq!(dots.g1g2, 0.0);

@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::cuda::{CudaEngine, DevSlice, DevView, DevViewMut, KernelFile, MatmulMode};
-use slam_ags::engine::{Conv2d, ConvOps};
+use slam_ags::engine::{Conv2d, ConvOps, ViewLen};
 
 /// The kernel files of dev/cuda, embedded (with their fatbins when nvcc built them).
 const DEV_KERNEL_FILES: &[KernelFile] = include!(concat!(env!("OUT_DIR"), "/dev_kernels.rs"));
@@ -166,51 +166,31 @@ impl ConvIgemm {
     }
 }
 
-fn conv(
-    batch: usize,
-    (cin, cout): (usize, usize),
-    hw: (usize, usize),
-    k: usize,
-    stride: usize,
-    pad: usize,
-) -> Conv2d {
-    Conv2d {
-        batch,
-        in_channels: cin,
-        out_channels: cout,
-        in_h: hw.0,
-        in_w: hw.1,
-        kernel: k,
-        stride,
-        pad,
-    }
-}
-
 /// ResNet-18's convolutions (at crop 224 divided by 4, batch 2), then odd shapes: every tile
 /// edge (output channels and pixels not multiples of the block tile, K not a multiple of the
 /// 16-wide slice), kernels 1, 3, 5 and 7, strides 1 to 3.
 fn check_shapes() -> Vec<Conv2d> {
     vec![
-        conv(2, (3, 64), (56, 56), 7, 2, 3),
-        conv(2, (64, 64), (14, 14), 3, 1, 1),
-        conv(2, (64, 128), (14, 14), 3, 2, 1),
-        conv(2, (64, 128), (14, 14), 1, 2, 0),
-        conv(2, (128, 128), (7, 7), 3, 1, 1),
-        conv(2, (128, 256), (7, 7), 3, 2, 1),
-        conv(2, (128, 256), (7, 7), 1, 2, 0),
-        conv(2, (256, 256), (4, 4), 3, 1, 1),
-        conv(2, (256, 512), (4, 4), 3, 2, 1),
-        conv(2, (256, 512), (4, 4), 1, 2, 0),
-        conv(2, (512, 512), (2, 2), 3, 1, 1),
-        conv(2, (3, 8), (13, 11), 7, 2, 3),
-        conv(3, (8, 16), (9, 7), 3, 2, 1),
-        conv(4, (16, 8), (5, 5), 1, 1, 0),
-        conv(1, (1, 1), (1, 1), 1, 1, 0),
-        conv(2, (4, 4), (2, 2), 3, 1, 1),
-        conv(1, (32, 130), (9, 10), 3, 1, 1),
-        conv(1, (20, 200), (7, 7), 3, 1, 1),
-        conv(3, (5, 65), (11, 13), 5, 3, 2),
-        conv(5, (64, 64), (23, 21), 3, 1, 1),
+        Conv2d::new(2, (3, 64), (56, 56), (7, 2, 3)),
+        Conv2d::new(2, (64, 64), (14, 14), (3, 1, 1)),
+        Conv2d::new(2, (64, 128), (14, 14), (3, 2, 1)),
+        Conv2d::new(2, (64, 128), (14, 14), (1, 2, 0)),
+        Conv2d::new(2, (128, 128), (7, 7), (3, 1, 1)),
+        Conv2d::new(2, (128, 256), (7, 7), (3, 2, 1)),
+        Conv2d::new(2, (128, 256), (7, 7), (1, 2, 0)),
+        Conv2d::new(2, (256, 256), (4, 4), (3, 1, 1)),
+        Conv2d::new(2, (256, 512), (4, 4), (3, 2, 1)),
+        Conv2d::new(2, (256, 512), (4, 4), (1, 2, 0)),
+        Conv2d::new(2, (512, 512), (2, 2), (3, 1, 1)),
+        Conv2d::new(2, (3, 8), (13, 11), (7, 2, 3)),
+        Conv2d::new(3, (8, 16), (9, 7), (3, 2, 1)),
+        Conv2d::new(4, (16, 8), (5, 5), (1, 1, 0)),
+        Conv2d::new(1, (1, 1), (1, 1), (1, 1, 0)),
+        Conv2d::new(2, (4, 4), (2, 2), (3, 1, 1)),
+        Conv2d::new(1, (32, 130), (9, 10), (3, 1, 1)),
+        Conv2d::new(1, (20, 200), (7, 7), (3, 1, 1)),
+        Conv2d::new(3, (5, 65), (11, 13), (5, 3, 2)),
+        Conv2d::new(5, (64, 64), (23, 21), (3, 1, 1)),
     ]
 }
 
@@ -300,7 +280,7 @@ pub fn check(eng: &CudaEngine, which: Check) -> Result<()> {
         }
         Check::Deterministic => {
             eng.set_matmul_mode(MatmulMode::Exact);
-            let s = conv(3, (64, 128), (15, 15), 3, 1, 1);
+            let s = Conv2d::new(3, (64, 128), (15, 15), (3, 1, 1));
             let mut rng = ChaCha8Rng::seed_from_u64(9);
             let (gx, gw) = (
                 eng.upload(&uniform(&mut rng, s.in_len()))?,
@@ -385,13 +365,19 @@ fn main() -> Result<()> {
     let k = ConvIgemm::load(&eng)?;
     let (n, crop) = (args.batch, args.crop);
     let layers = [
-        ("stem", conv(n, (3, 64), (crop, crop), 7, 2, 3)),
-        ("layer1", conv(n, (64, 64), (crop / 4, crop / 4), 3, 1, 1)),
+        ("stem", Conv2d::new(n, (3, 64), (crop, crop), (7, 2, 3))),
+        (
+            "layer1",
+            Conv2d::new(n, (64, 64), (crop / 4, crop / 4), (3, 1, 1)),
+        ),
         (
             "layer3",
-            conv(n, (256, 256), (crop / 16, crop / 16), 3, 1, 1),
+            Conv2d::new(n, (256, 256), (crop / 16, crop / 16), (3, 1, 1)),
         ),
-        ("down2", conv(n, (64, 128), (crop / 4, crop / 4), 1, 2, 0)),
+        (
+            "down2",
+            Conv2d::new(n, (64, 128), (crop / 4, crop / 4), (1, 2, 0)),
+        ),
     ];
     println!(
         "{:<10} {:<26} {:>12} {:>12} {:>10}",
@@ -430,7 +416,8 @@ mod tests {
 
     #[test]
     fn igemm_shape_takes_the_reference_shapes_and_refuses_oversized_ones() {
-        let shape = |batch, cin, hw, k, stride| conv(batch, (cin, 64), (hw, hw), k, stride, k / 2);
+        let shape =
+            |batch, cin, hw, k, stride| Conv2d::new(batch, (cin, 64), (hw, hw), (k, stride, k / 2));
         let stem = igemm_shape(&shape(128, 3, 224, 7, 2)).unwrap();
         assert_eq!((stem.out_h, stem.out_w, stem.pad), (112, 112, 3));
         igemm_shape(&shape(128, 64, 56, 3, 1)).unwrap();

@@ -93,7 +93,7 @@ static void run_case(const Case& k, std::mt19937& rng) {
     const dim3 rows(chunks, C), fin((C + NORM_WARPS - 1) / NORM_WARPS), blk(NORM_BLOCK);
     double* partials = scratch.data();
 
-    // ---- training forward: the three launches of batchnorm_train_forward.
+    // ---- training forward: the three launches of batchnorm_forward in training mode.
     const float* resp = k.res ? r : nullptr;
     emu::launch(rows, blk, [&] { bn_stats_partial(x, M, partials); });
     emu::launch(fin, blk, [&] {

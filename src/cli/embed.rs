@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::args::{EngineArgs, with_engine};
 use crate::data::PatchStore;
-use crate::embed::{self, FeatureKind, load_model};
+use crate::embed::{self, EmbedSettings, FeatureKind, load_model};
 use crate::engine::cuda::MatmulMode;
 
 #[derive(Args, Debug)]
@@ -66,9 +66,11 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         eng,
         &state,
         &store,
-        args.features,
-        crop,
-        args.batch,
+        EmbedSettings {
+            kind: args.features,
+            crop,
+            batch: args.batch
+        },
         |done, _| bar.set_position(done as u64),
     ))?;
     bar.finish_and_clear();

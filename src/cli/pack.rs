@@ -8,7 +8,9 @@ use clap::Args;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::data::PatchSize;
-use crate::data::build::pack::{ImageOptions, ImageTally, Layout, PackOptions, pack_folder};
+use crate::data::build::pack::{
+    ImageOptions, ImageTally, Layout, PackOptions, SkippedImage, pack_folder,
+};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
@@ -139,14 +141,17 @@ pub(super) fn print_tally(tally: &ImageTally, patch_size: PatchSize) {
             tally.cropped
         );
     }
-    if !tally.skipped.is_empty() {
-        eprintln!(
-            "skipped {} images that cannot be used:",
-            tally.skipped.len()
-        );
-        for skipped in &tally.skipped {
-            eprintln!("  {}: {}", skipped.path.display(), skipped.reason);
-        }
+    print_skipped("images that cannot be used", &tally.skipped);
+}
+
+/// The inputs skipped as unusable, each with the reason, on stderr.
+pub(super) fn print_skipped(what: &str, skipped: &[SkippedImage]) {
+    if skipped.is_empty() {
+        return;
+    }
+    eprintln!("skipped {} {what}:", skipped.len());
+    for skipped in skipped {
+        eprintln!("  {}: {}", skipped.path.display(), skipped.reason);
     }
 }
 

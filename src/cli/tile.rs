@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
+use super::pack::print_skipped;
 use crate::data::build::tile::{TileOptions, TileProgress, TissueThresholds, tile_slides};
 
 #[derive(Args, Debug)]
@@ -62,7 +63,7 @@ pub struct TileArgs {
     /// Seed of the --max-patches draw; the same seed keeps the same patches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Folder for a PNG thumbnail per slide (<bag>.png) with the kept patches outlined.
+    /// Folder for a PNG thumbnail per slide (`<bag>.png`) with the kept patches outlined.
     #[arg(long)]
     pub thumbnails: Option<PathBuf>,
     /// Skip unreadable, truncated or unsupported slides (each is listed) instead of stopping.
@@ -172,14 +173,6 @@ pub fn run(args: &TileArgs) -> Result<()> {
             report.unused_labels
         );
     }
-    if !report.skipped.is_empty() {
-        eprintln!(
-            "skipped {} slide(s) that cannot be tiled:",
-            report.skipped.len()
-        );
-        for skipped in &report.skipped {
-            eprintln!("  {}: {}", skipped.path.display(), skipped.reason);
-        }
-    }
+    print_skipped("slide(s) that cannot be tiled", &report.skipped);
     Ok(())
 }

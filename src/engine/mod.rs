@@ -39,7 +39,7 @@ pub use ops::check_len;
 pub use ops::conv::{Conv2d, ConvBackward, ConvOps};
 pub use ops::linear::{Linear, LinearBackward, LinearForward, LinearOps};
 pub use ops::loss::{LossOps, LossViews, ViewPair};
-pub use ops::norm::{BatchNorm, BnEvalForward, BnTrainBackward, BnTrainForward, NormOps};
+pub use ops::norm::{BatchNorm, BnBackward, BnForward, BnStats, NormOps};
 pub use ops::pool::{AvgPool, MaxPool, PoolOps};
 pub use ops::update::{GradDots, SgdBuffers, SgdUpdate, UpdateOps};
 

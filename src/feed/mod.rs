@@ -24,34 +24,31 @@ use crate::engine::Engine;
 use crate::engine::cpu::CpuEngine;
 use crate::model::StepBatch;
 
-/// Where a step's four views come from: rendered from the sampled patches with the run's
-/// augmentation, on the engine, in its channel-major layout.
-pub trait ViewSource<E: Engine> {
-    fn render(
-        &mut self,
-        eng: &E,
-        augmenter: &Augmenter,
-        store: &PatchStore,
-        sampled: &SampledBatch,
-        step: u64,
-        views: Views,
-    ) -> Result<StepBatch<E>>;
+/// What one step's views are rendered from: the sampled patches of the store at `step`, with
+/// the run's augmentation.
+pub struct StepInput<'a> {
+    pub augmenter: &'a Augmenter,
+    pub store: &'a PatchStore,
+    pub sampled: &'a SampledBatch,
+    pub step: u64,
+    pub views: Views,
 }
+
+/// Where a step's four views come from: rendered on the engine, in its channel-major layout.
+pub trait ViewSource<E: Engine> {
+    fn render(&mut self, eng: &E, input: &StepInput<'_>) -> Result<StepBatch<E>>;
+}
+
+/// A view source on its engine's borrow.
+pub type Source<'a, E> = Box<dyn ViewSource<E> + 'a>;
 
 /// Views rendered on the host by the CPU augmentation, then uploaded.
 pub struct HostViews;
 
 impl<E: Engine> ViewSource<E> for HostViews {
-    fn render(
-        &mut self,
-        eng: &E,
-        augmenter: &Augmenter,
-        store: &PatchStore,
-        sampled: &SampledBatch,
-        step: u64,
-        views: Views,
-    ) -> Result<StepBatch<E>> {
-        StepBatch::upload(eng, &augmenter.render(store, sampled, step, views)?)
+    fn render(&mut self, eng: &E, i: &StepInput<'_>) -> Result<StepBatch<E>> {
+        let host = i.augmenter.render(i.store, i.sampled, i.step, i.views)?;
+        StepBatch::upload(eng, &host)
     }
 }
 
@@ -86,28 +83,24 @@ impl Default for ViewSettings {
     }
 }
 
+/// What a run asks of its view source: its store, the most patches a step takes, and the
+/// engine memory a step needs besides the views.
+#[derive(Clone, Copy)]
+pub struct FeedPlan<'a> {
+    pub store: &'a PatchStore,
+    pub batch: usize,
+    pub step_bytes: u64,
+}
+
 /// An engine that knows how its training views are rendered.
 pub trait Feed: Engine {
-    /// The view source for a run on `store` with at most `batch` patches a step, which needs
-    /// `step_bytes` of the engine's memory besides the views.
-    fn view_source(
-        &self,
-        settings: &ViewSettings,
-        store: &PatchStore,
-        batch: usize,
-        step_bytes: u64,
-    ) -> Result<Box<dyn ViewSource<Self> + '_>>;
+    /// The view source for a run, as `views` asks where the engine has a choice.
+    fn view_source(&self, views: &ViewSettings, plan: FeedPlan<'_>) -> Result<Source<'_, Self>>;
 }
 
 impl Feed for CpuEngine {
     /// Always [`HostViews`]: the CPU engine has no device to render on.
-    fn view_source(
-        &self,
-        _settings: &ViewSettings,
-        _store: &PatchStore,
-        _batch: usize,
-        _step_bytes: u64,
-    ) -> Result<Box<dyn ViewSource<Self> + '_>> {
+    fn view_source(&self, _: &ViewSettings, _: FeedPlan<'_>) -> Result<Source<'_, Self>> {
         Ok(Box::new(HostViews))
     }
 }

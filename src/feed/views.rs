@@ -3,11 +3,12 @@
 
 use anyhow::Result;
 
-use super::{DeviceStore, Feed, HostViews, Residency, ViewSettings, ViewSource, ViewsOn};
+use super::{
+    DeviceStore, Feed, FeedPlan, HostViews, Residency, Source, StepInput, ViewSettings, ViewSource,
+    ViewsOn,
+};
 use crate::data::PatchStore;
 use crate::data::input::augment::ViewJob;
-use crate::data::input::batch::{Augmenter, Views};
-use crate::data::input::sampler::SampledBatch;
 use crate::engine::cuda::{CudaEngine, DevSlice};
 use crate::model::StepBatch;
 
@@ -39,16 +40,9 @@ impl DeviceViews {
 }
 
 impl ViewSource<CudaEngine> for DeviceViews {
-    fn render(
-        &mut self,
-        eng: &CudaEngine,
-        augmenter: &Augmenter,
-        store: &PatchStore,
-        sampled: &SampledBatch,
-        step: u64,
-        views: Views,
-    ) -> Result<StepBatch<CudaEngine>> {
-        let jobs = augmenter.jobs(store, sampled, step, views)?;
+    fn render(&mut self, eng: &CudaEngine, i: &StepInput<'_>) -> Result<StepBatch<CudaEngine>> {
+        let (augmenter, store) = (i.augmenter, i.store);
+        let jobs = augmenter.jobs(store, i.sampled, i.step, i.views)?;
         let groups: Vec<&[ViewJob]> = jobs.iter().map(Vec::as_slice).collect();
         let crop = augmenter.config.crop;
         let total = jobs.iter().map(Vec::len).sum::<usize>() * 3 * crop * crop;
@@ -80,18 +74,13 @@ impl ViewSource<CudaEngine> for DeviceViews {
 }
 
 impl Feed for CudaEngine {
-    fn view_source(
-        &self,
-        settings: &ViewSettings,
-        store: &PatchStore,
-        batch: usize,
-        step_bytes: u64,
-    ) -> Result<Box<dyn ViewSource<Self> + '_>> {
-        Ok(match settings.views {
+    fn view_source(&self, views: &ViewSettings, plan: FeedPlan<'_>) -> Result<Source<'_, Self>> {
+        Ok(match views.views {
             ViewsOn::Host => Box::new(HostViews),
             ViewsOn::Device => {
+                let reserve = plan.step_bytes as usize;
                 let views =
-                    DeviceViews::new(self, store, settings.residency, batch, step_bytes as usize)?;
+                    DeviceViews::new(self, plan.store, views.residency, plan.batch, reserve)?;
                 eprintln!("views on the GPU: {}", views.summary());
                 Box::new(views)
             }

@@ -25,6 +25,13 @@ pub struct MilConfig {
     pub attention: usize,
 }
 
+impl MilConfig {
+    /// `(D, L, A)`: input, hidden and attention sizes, as the formulas name them.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        (self.input_dim, self.hidden, self.attention)
+    }
+}
+
 /// Where each tensor lives in the flat parameter vector. V and U are adjacent (and so are
 /// their biases), so both gate branches come out of one product `[V; U] h`.
 #[derive(Clone, Debug)]
@@ -43,11 +50,7 @@ pub struct MilLayout {
 
 impl MilLayout {
     fn new(config: MilConfig) -> Self {
-        let MilConfig {
-            input_dim: d,
-            hidden: l,
-            attention: a,
-        } = config;
+        let (d, l, a) = config.dims();
         let mut next = 0;
         let mut take = |len: usize| {
             next += len;
@@ -78,11 +81,7 @@ impl MilLayout {
         &self,
         config: MilConfig,
     ) -> [(&'static str, Range<usize>, usize, Vec<usize>); 8] {
-        let MilConfig {
-            input_dim: d,
-            hidden: l,
-            attention: a,
-        } = config;
+        let (d, l, a) = config.dims();
         [
             ("embed.weight", self.w1.clone(), d, vec![l, d]),
             ("embed.bias", self.b1.clone(), d, vec![l]),
@@ -163,11 +162,7 @@ impl AbMil {
 
     /// Forward pass over a bag `x` of n instances (n x D, row-major).
     pub fn forward(&self, params: &[f64], x: &[f64]) -> MilForward {
-        let MilConfig {
-            input_dim: d,
-            hidden: l,
-            attention: a,
-        } = self.config;
+        let (d, l, a) = self.config.dims();
         let lay = &self.layout;
         let n = x.len() / d;
         assert_eq!(
@@ -247,11 +242,7 @@ impl AbMil {
         label: bool,
         grads: &mut [f64],
     ) -> f64 {
-        let MilConfig {
-            input_dim: d,
-            hidden: l,
-            attention: a,
-        } = self.config;
+        let (d, l, a) = self.config.dims();
         let lay = &self.layout;
         let MilForward {
             n,

@@ -6,8 +6,8 @@ use anyhow::{Result, ensure};
 
 use super::network::{BnParams, ConvParams, LinearParams, Network};
 use crate::engine::{
-    AvgPool, BatchNorm, BnEvalForward, BnTrainBackward, BnTrainForward, Conv2d, ConvBackward,
-    Engine, Linear, LinearBackward, LinearForward, MaxPool,
+    AvgPool, BatchNorm, BnBackward, BnForward, BnStats, Conv2d, ConvBackward, Engine, Linear,
+    LinearBackward, LinearForward, MaxPool,
 };
 
 /// PyTorch's BatchNorm2d defaults.
@@ -63,6 +63,27 @@ fn linear_shape(p: &LinearParams, batch: usize) -> Linear {
     }
 }
 
+/// `act(W x + b)` of one projector layer over `batch` samples, into a new buffer.
+fn project<E: Engine>(
+    eng: &E,
+    params: &E::Buf,
+    layer: &LinearParams,
+    x: &E::Buf,
+    batch: usize,
+    relu: bool,
+) -> Result<E::Buf> {
+    let s = linear_shape(layer, batch);
+    let mut y = eng.zeros(s.out_features * batch)?;
+    let forward = LinearForward {
+        x: eng.all(x),
+        wb: eng.view(params, layer.weight_bias.clone()),
+        relu,
+        y: eng.all_mut(&mut y),
+    };
+    eng.linear_forward(&s, forward)?;
+    Ok(y)
+}
+
 impl Network {
     #[allow(clippy::too_many_arguments)]
     fn conv_bn_forward<E: Engine>(
@@ -99,32 +120,22 @@ impl Network {
         let mut out = eng.zeros(bs.len())?;
         let affine = eng.view(params, bn.affine.clone());
         let residual = residual.map(|r| eng.all(r));
-        let (x, y) = (eng.all(&conv_out), eng.all_mut(&mut out));
-        match norm {
-            Norm::Train(running) => eng.batchnorm_train_forward(
-                &bs,
-                BnTrainForward {
-                    x,
-                    affine,
-                    residual,
-                    relu,
-                    y,
-                    saved: eng.all_mut(&mut saved),
-                    running: eng.view_mut(running, bn.running.clone()),
-                },
-            )?,
-            Norm::Eval(running) => eng.batchnorm_eval_forward(
-                &bs,
-                BnEvalForward {
-                    x,
-                    affine,
-                    running: eng.view(running, bn.running.clone()),
-                    residual,
-                    relu,
-                    y,
-                },
-            )?,
-        }
+        let stats = match norm {
+            Norm::Train(running) => BnStats::Batch {
+                saved: eng.all_mut(&mut saved),
+                running: eng.view_mut(running, bn.running.clone()),
+            },
+            Norm::Eval(running) => BnStats::Running(eng.view(running, bn.running.clone())),
+        };
+        let forward = BnForward {
+            x: eng.all(&conv_out),
+            affine,
+            residual,
+            relu,
+            y: eng.all_mut(&mut out),
+            stats,
+        };
+        eng.batchnorm_forward(&bs, forward)?;
         Ok(ConvBn {
             conv: cs,
             bn: bs,
@@ -151,9 +162,9 @@ impl Network {
         dx: Option<&mut E::Buf>,
     ) -> Result<E::Buf> {
         let mut dconv = eng.zeros(acts.conv.out_len())?;
-        eng.batchnorm_train_backward(
+        eng.batchnorm_backward(
             &acts.bn,
-            BnTrainBackward {
+            BnBackward {
                 x: eng.all(&acts.conv_out),
                 affine: eng.view(params, bn.affine.clone()),
                 saved: eng.all(&acts.saved),
@@ -302,27 +313,8 @@ impl Network {
             spatial: h * w,
         };
         eng.avgpool_forward(&avg, eng.all(last), eng.all_mut(&mut features))?;
-        let mut hidden = eng.zeros(dim * batch)?;
-        let (fc0, fc2) = (&self.proj_hidden, &self.proj_out);
-        eng.linear_forward(
-            &linear_shape(fc0, batch),
-            LinearForward {
-                x: eng.all(&features),
-                wb: eng.view(params, fc0.weight_bias.clone()),
-                relu: true,
-                y: eng.all_mut(&mut hidden),
-            },
-        )?;
-        let mut z = eng.zeros(self.config.out_dim * batch)?;
-        eng.linear_forward(
-            &linear_shape(fc2, batch),
-            LinearForward {
-                x: eng.all(&hidden),
-                wb: eng.view(params, fc2.weight_bias.clone()),
-                relu: false,
-                y: eng.all_mut(&mut z),
-            },
-        )?;
+        let hidden = project(eng, params, &self.proj_hidden, &features, batch, true)?;
+        let z = project(eng, params, &self.proj_out, &hidden, batch, false)?;
         Ok(Activations {
             batch,
             input,

@@ -14,7 +14,7 @@ use crate::checkpoint;
 use crate::data::PatchStore;
 use crate::data::build::plan::BagPlanConfig;
 use crate::data::build::synth::{SynthConfig, SynthDataset, write_dataset};
-use crate::embed::{self, Embeddings, FeatureKind};
+use crate::embed::{self, EmbedSettings, Embeddings, FeatureKind};
 use crate::feed::{Feed, ViewSettings};
 use crate::mil::{Adam, Evaluation, MilBag, MilHead, MilTrainConfig, report};
 use crate::model::{ModelState, NetSpec, Surgery};
@@ -106,6 +106,29 @@ pub struct Row {
     pub retrieval_fraction: Option<f64>,
 }
 
+/// A bar chart of one column of the results, one bar per variant.
+struct Chart {
+    file: &'static str,
+    title: &'static str,
+    axis: &'static str,
+    value: fn(&Row) -> Option<f64>,
+}
+
+const CHARTS: [Chart; 2] = [
+    Chart {
+        file: "auc.png",
+        title: "Bag classification: AUC on the test bags",
+        axis: "AUC",
+        value: |r| r.auc,
+    },
+    Chart {
+        file: "retrieval.png",
+        title: "Abnormal cells among the top-K attention scores (K = abnormal cells per bag)",
+        axis: "share found",
+        value: |r| r.retrieval_fraction,
+    },
+];
+
 /// What a demo wrote, for the caller to show.
 pub struct DemoResults {
     pub rows: Vec<Row>,
@@ -193,23 +216,13 @@ impl DemoConfig {
         }
         let table = self.render_table(&rows, &data);
         write_atomic(&out.join("results.md"), table.as_bytes())?;
-        let bars = |get: &dyn Fn(&Row) -> Option<f64>| -> Vec<(String, f64)> {
-            rows.iter()
-                .map(|r| (r.variant.to_owned(), get(r).unwrap_or(0.0)))
-                .collect()
-        };
-        plots::bar_chart(
-            &out.join("auc.png"),
-            "Bag classification: AUC on the test bags",
-            "AUC",
-            &bars(&|r| r.auc),
-        )?;
-        plots::bar_chart(
-            &out.join("retrieval.png"),
-            "Abnormal cells among the top-K attention scores (K = abnormal cells per bag)",
-            "share found",
-            &bars(&|r| r.retrieval_fraction),
-        )?;
+        for chart in CHARTS {
+            let bars: Vec<(String, f64)> = rows
+                .iter()
+                .map(|r| (r.variant.to_owned(), (chart.value)(r).unwrap_or(0.0)))
+                .collect();
+            plots::bar_chart(&out.join(chart.file), chart.title, chart.axis, &bars)?;
+        }
         let json = serde_json::json!({ "seed": self.pretrain.seed, "plan": plan, "rows": rows });
         write_atomic(
             &out.join("results.json"),
@@ -265,9 +278,11 @@ impl DemoConfig {
                 eng,
                 &state,
                 &store,
-                FeatureKind::Projector,
-                crop,
-                128,
+                EmbedSettings {
+                    kind: FeatureKind::Projector,
+                    crop,
+                    batch: 128,
+                },
                 |_, _| {},
             )?;
             e.save(&dir.join(name))?;

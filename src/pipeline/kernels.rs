@@ -298,21 +298,14 @@ impl KernelBench {
     fn convolutions(&self, timer: &Timer<'_>, rng: &mut ChaCha8Rng) -> Result<Vec<KernelRow>> {
         let eng = timer.eng;
         let (n, crop) = (self.conv_batch, self.crop);
-        let conv = |cin, cout, hw: usize, kernel, stride, pad| Conv2d {
-            batch: n,
-            in_channels: cin,
-            out_channels: cout,
-            in_h: hw,
-            in_w: hw,
-            kernel,
-            stride,
-            pad,
+        let conv = |(cin, cout), hw, (kernel, stride, pad)| {
+            Conv2d::new(n, (cin, cout), (hw, hw), (kernel, stride, pad))
         };
         let layers = [
-            ("stem", conv(3, 64, crop, 7, 2, 3)),
-            ("layer1", conv(64, 64, crop / 4, 3, 1, 1)),
-            ("layer3", conv(256, 256, crop / 16, 3, 1, 1)),
-            ("down2", conv(64, 128, crop / 4, 1, 2, 0)),
+            ("stem", conv((3, 64), crop, (7, 2, 3))),
+            ("layer1", conv((64, 64), crop / 4, (3, 1, 1))),
+            ("layer3", conv((256, 256), crop / 16, (3, 1, 1))),
+            ("down2", conv((64, 128), crop / 4, (1, 2, 0))),
         ];
         let versions = [
             ("conv fwd im2col+cuBLAS (exact)", MatmulMode::Exact),

@@ -1,5 +1,5 @@
 //! The programs the command line runs, as library functions a Rust user can call without the
-//! CLI: the demo ([`demo`]), the step dump ([`dump`]) and the benchmarks ([`bench`],
+//! CLI: the demo ([`demo`]), the step dump ([`dump`]) and the benchmarks ([`mod@bench`],
 //! [`kernels`]). Each takes its settings as one struct (which is also the command's flags)
 //! and returns what it measured; the CLI only parses, opens the engine, calls and prints.
 

@@ -32,7 +32,7 @@ use crate::data::input::batch::{Augmenter, Views};
 use crate::data::input::sampler::{BalancedSampler, SamplerPosition};
 use crate::data::{BagLabel, PatchStore};
 use crate::engine::Engine;
-use crate::feed::{Feed, HostViews, ViewSettings, ViewSource};
+use crate::feed::{Feed, FeedPlan, HostViews, StepInput, ViewSettings, ViewSource};
 use crate::memory;
 use crate::model::{ModelState, Network, StepReport, Trainer};
 
@@ -297,7 +297,12 @@ impl Run {
         views: &ViewSettings,
         observer: &mut dyn Observer,
     ) -> Result<ModelState> {
-        let mut source = eng.view_source(views, &self.store, self.config.batch, self.step_bytes)?;
+        let plan = FeedPlan {
+            store: &self.store,
+            batch: self.config.batch,
+            step_bytes: self.step_bytes,
+        };
+        let mut source = eng.view_source(views, plan)?;
         self.train_with(eng, observer, &mut *source)
     }
 
@@ -330,14 +335,14 @@ impl Run {
             let start = Instant::now();
             let sampled = self.sampler.next_batch();
             let epoch = sampled.position.epoch;
-            let batch = source.render(
-                eng,
-                &self.augmenter,
-                &self.store,
-                &sampled,
-                self.step,
+            let input = StepInput {
+                augmenter: &self.augmenter,
+                store: &self.store,
+                sampled: &sampled,
+                step: self.step,
                 views,
-            )?;
+            };
+            let batch = source.render(eng, &input)?;
             let images = 2 * (batch.n_pos + batch.n_neg);
             let lr = schedule.lr(epoch as u32);
             let report = trainer.step(eng, &batch, &step_config, lr, None)?;

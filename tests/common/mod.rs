@@ -161,21 +161,47 @@ pub fn uniform(rng: &mut rand_chacha::ChaCha8Rng, len: usize) -> Vec<f32> {
     uniform_in(rng, len, -1.0, 1.0)
 }
 
-/// A convolution of `batch` images of `h x w`, `cin` to `cout` channels.
-pub fn conv(
-    batch: usize,
-    (in_channels, out_channels): (usize, usize),
-    (in_h, in_w): (usize, usize),
-    (kernel, stride, pad): (usize, usize, usize),
-) -> slam_ags::engine::Conv2d {
-    slam_ags::engine::Conv2d {
-        batch,
-        in_channels,
-        out_channels,
-        in_h,
-        in_w,
-        kernel,
-        stride,
-        pad,
+/// Flags of a network small enough for CLI tests: width 4, one block per stage, out_dim 8.
+pub const TINY_NET_FLAGS: [&str; 6] = ["--width", "4", "--blocks", "1,1,1,1", "--out-dim", "8"];
+
+/// A network of width `width`, `blocks` BasicBlocks per stage and projector output `out_dim`.
+pub fn net(width: usize, blocks: [usize; 4], out_dim: usize) -> slam_ags::model::NetConfig {
+    slam_ags::model::NetConfig {
+        width,
+        blocks,
+        out_dim,
     }
 }
+
+/// Every patch of `store` embedded by `state` on the CPU engine, center crops of 12 (the
+/// 16-pixel patches of [`random_store`]), `batch` patches per pass.
+pub fn embed_on_cpu(
+    state: &slam_ags::model::ModelState,
+    store: &slam_ags::data::PatchStore,
+    kind: slam_ags::embed::FeatureKind,
+    batch: usize,
+) -> slam_ags::embed::Embeddings {
+    let settings = slam_ags::embed::EmbedSettings {
+        kind,
+        crop: 12,
+        batch,
+    };
+    let engine = slam_ags::engine::cpu::CpuEngine;
+    slam_ags::embed::embed(&engine, state, store, settings, |_, _| {}).unwrap()
+}
+
+/// Asserts that each of `files` exists in `dir`.
+pub fn assert_files_exist(dir: &std::path::Path, files: &[&str]) {
+    for file in files {
+        assert!(
+            dir.join(file).exists(),
+            "{file} missing in {}",
+            dir.display()
+        );
+    }
+}
+
+/// `slam synth` / `slam bags` / `slam demo` flags of a small bag plan: 8 bags of 10 cells at
+/// witness rate 0.2.
+pub const SMALL_PLAN_FLAGS: [&str; 6] =
+    ["--bags", "8", "--bag-size", "10", "--witness-rate", "0.2"];

@@ -9,73 +9,60 @@ use crate::matmul::{Mat, gemm};
 impl LinearOps for CpuEngine {
     fn linear_forward(&self, s: &Linear, a: LinearForward<'_, Self>) -> Result<()> {
         a.check(s)?;
-        forward(s, a);
+        let (w, b) = a.wb.split_at(s.out_features * s.in_features);
+        let w = Mat::rows(w, s.out_features, s.in_features);
+        gemm(
+            a.y,
+            s.batch,
+            false,
+            w,
+            Mat::rows(a.x, s.in_features, s.batch),
+        );
+        a.y.par_chunks_mut(s.batch)
+            .zip(b.par_iter())
+            .for_each(|(row, &b)| {
+                for v in row {
+                    *v += b;
+                    if a.relu {
+                        *v = v.max(0.0);
+                    }
+                }
+            });
         Ok(())
     }
 
     fn linear_backward(&self, s: &Linear, a: LinearBackward<'_, Self>) -> Result<()> {
         a.check(s)?;
-        backward(s, a);
-        Ok(())
-    }
-}
-
-fn forward(s: &Linear, a: LinearForward<'_, CpuEngine>) {
-    let LinearForward { x, wb, relu, y } = a;
-    let (w, b) = wb.split_at(s.out_features * s.in_features);
-    let w = Mat::rows(w, s.out_features, s.in_features);
-    gemm(y, s.batch, false, w, Mat::rows(x, s.in_features, s.batch));
-    y.par_chunks_mut(s.batch)
-        .zip(b.par_iter())
-        .for_each(|(row, &b)| {
-            for v in row {
-                *v += b;
-                if relu {
-                    *v = v.max(0.0);
+        let (dy, x) = (a.dy, a.x);
+        if let Some(y) = a.relu_out {
+            dy.par_iter_mut().zip(y.par_iter()).for_each(|(g, &y)| {
+                if y <= 0.0 {
+                    *g = 0.0;
                 }
-            }
-        });
-}
-
-fn backward(s: &Linear, a: LinearBackward<'_, CpuEngine>) {
-    let LinearBackward {
-        x,
-        wb,
-        relu_out,
-        dy,
-        dwb,
-        dx,
-    } = a;
-    if let Some(y) = relu_out {
-        dy.par_iter_mut().zip(y.par_iter()).for_each(|(g, &y)| {
-            if y <= 0.0 {
-                *g = 0.0;
-            }
-        });
-    }
-    let w = Mat::rows(
-        &wb[..s.out_features * s.in_features],
-        s.out_features,
-        s.in_features,
-    );
-    let (dw, db) = dwb.split_at_mut(s.out_features * s.in_features);
-    let dy_mat = Mat::rows(dy, s.out_features, s.batch);
-    // dW += dY X^T
-    gemm(
-        dw,
-        s.in_features,
-        true,
-        dy_mat,
-        Mat::rows(x, s.in_features, s.batch).t(),
-    );
-    // db += sum over the batch of dY
-    db.par_iter_mut()
-        .zip(dy.par_chunks(s.batch))
-        .for_each(|(db, row)| {
-            *db += row.iter().map(|&v| v as f64).sum::<f64>() as f32;
-        });
-    // dX += W^T dY
-    if let Some(dx) = dx {
-        gemm(dx, s.batch, true, w.t(), dy_mat);
+            });
+        }
+        let weights = s.out_features * s.in_features;
+        let w = Mat::rows(&a.wb[..weights], s.out_features, s.in_features);
+        let (dw, db) = a.dwb.split_at_mut(weights);
+        let dy_mat = Mat::rows(dy, s.out_features, s.batch);
+        // dW += dY X^T
+        gemm(
+            dw,
+            s.in_features,
+            true,
+            dy_mat,
+            Mat::rows(x, s.in_features, s.batch).t(),
+        );
+        // db += sum over the batch of dY
+        db.par_iter_mut()
+            .zip(dy.par_chunks(s.batch))
+            .for_each(|(db, row)| {
+                *db += row.iter().map(|&v| v as f64).sum::<f64>() as f32;
+            });
+        // dX += W^T dY
+        if let Some(dx) = a.dx {
+            gemm(dx, s.batch, true, w.t(), dy_mat);
+        }
+        Ok(())
     }
 }

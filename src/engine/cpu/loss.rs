@@ -7,13 +7,26 @@ use crate::matmul::{Mat, gemm};
 impl LossOps for CpuEngine {
     fn ntxent(&self, s: &ViewPair, temperature: f32, a: LossViews<'_, Self>) -> Result<f32> {
         a.check(s, temperature)?;
-        Ok(ntxent(s, temperature, a))
+        Ok(on_normalized_rows(s, a, |f| ntxent(s, temperature, f)))
     }
 
     fn cohesion(&self, s: &ViewPair, temperature: f32, a: LossViews<'_, Self>) -> Result<f32> {
         a.check(s, temperature)?;
-        Ok(cohesion(s, temperature, a))
+        Ok(on_normalized_rows(s, a, |f| cohesion(s, temperature, f)))
     }
+}
+
+/// A loss of the normalized rows `f` (a row-major `[2n, dim]` matrix; `loss(f)` returns the
+/// value and `dL/df`), taken from the views and back through the normalization into `dz`.
+fn on_normalized_rows(
+    s: &ViewPair,
+    a: LossViews<'_, CpuEngine>,
+    loss: impl FnOnce(&[f32]) -> (f32, Vec<f64>),
+) -> f32 {
+    let (f, norms) = normalized_rows(s, a.z_i, a.z_j);
+    let (value, df) = loss(&f);
+    normalize_backward(s, &f, &norms, &df, a.dz_i, a.dz_j);
+    value
 }
 
 /// `F.normalize`'s floor on the norm.
@@ -76,17 +89,10 @@ fn normalize_backward(
 }
 
 /// NT-Xent (see [`LossOps::ntxent`] for the formulas); anchors `a` pair with `p(a) = a +- n`.
-fn ntxent(s: &ViewPair, t: f32, a: LossViews<'_, CpuEngine>) -> f32 {
-    let LossViews {
-        z_i,
-        z_j,
-        dz_i,
-        dz_j,
-    } = a;
+fn ntxent(s: &ViewPair, t: f32, f: &[f32]) -> (f32, Vec<f64>) {
     let (n, d) = (s.n, s.dim);
     let m = 2 * n;
-    let (f, norms) = normalized_rows(s, z_i, z_j);
-    let f_mat = Mat::rows(&f, m, d);
+    let f_mat = Mat::rows(f, m, d);
     let mut sim = vec![0.0f32; m * m];
     gemm(&mut sim, m, false, f_mat, f_mat.t());
     let inv_t = 1.0 / t as f64;
@@ -123,21 +129,13 @@ fn ntxent(s: &ViewPair, t: f32, a: LossViews<'_, CpuEngine>) -> f32 {
             }
         }
     }
-    normalize_backward(s, &f, &norms, &df, dz_i, dz_j);
-    (loss / m as f64) as f32
+    ((loss / m as f64) as f32, df)
 }
 
 /// Cohesion (see [`LossOps::cohesion`] for the formulas), linear in the rows.
-fn cohesion(s: &ViewPair, t: f32, a: LossViews<'_, CpuEngine>) -> f32 {
-    let LossViews {
-        z_i,
-        z_j,
-        dz_i,
-        dz_j,
-    } = a;
+fn cohesion(s: &ViewPair, t: f32, f: &[f32]) -> (f32, Vec<f64>) {
     let (n, d) = (s.n, s.dim);
     let m = 2 * n;
-    let (f, norms) = normalized_rows(s, z_i, z_j);
     let mut sum = vec![0.0f64; d];
     let mut self_dots = 0.0f64;
     for row in f.chunks(d) {
@@ -158,6 +156,5 @@ fn cohesion(s: &ViewPair, t: f32, a: LossViews<'_, CpuEngine>) -> f32 {
                 .map(move |(&f, &s)| scale * (s - f as f64))
         })
         .collect();
-    normalize_backward(s, &f, &norms, &df, dz_i, dz_j);
-    ((1.0 - mean_cos) / t) as f32
+    (((1.0 - mean_cos) / t) as f32, df)
 }

@@ -2,7 +2,7 @@
 //!
 //! Buffers are `Vec<f32>`, views are slices. Ops run on rayon's global pool (its size is
 //! set with `RAYON_NUM_THREADS`); matrix products go through the `gemm` crate
-//! ([`crate::matmul`]). Reductions accumulate in f64 in a fixed order, so results do not
+//! (`crate::matmul`). Reductions accumulate in f64 in a fixed order, so results do not
 //! depend on the thread count. Each op family is implemented in its own file.
 
 mod conv;

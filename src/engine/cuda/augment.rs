@@ -4,17 +4,18 @@
 //!
 //! The engine knows nothing of the data module: a view arrives as an [`AugView`], a plain
 //! `#[repr(C)]` record of its crop window, geometry, jitter op order and factors, and where
-//! its output goes. Whoever draws the random parameters fills it in (`crate::gpu_data` from
+//! its output goes. Whoever draws the random parameters fills it in (`crate::feed` from
 //! the CPU augmentation's `ViewParams`, so the GPU renders exactly the CPU's views). Every
 //! field is validated here on the host before the launch: the kernel trusts its table.
 
 use std::sync::Mutex;
 
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule};
+use super::runtime::{CudaEngine, kernel_set};
 use super::view::{DevSlice, DevView, DevViewMut};
+use crate::engine::ViewLen;
 
 /// `AUG_BLOCK` of kernels/augment.cu: threads per view.
 pub const AUGMENT_BLOCK: u32 = 256;
@@ -90,20 +91,13 @@ impl AugShape {
     }
 }
 
-/// The kernel and the device copy of the last view table.
-pub(super) struct AugmentKernels {
-    views: CudaFunction,
-    table: Mutex<Option<CudaSlice<AugView>>>,
-}
-
-impl KernelSet for AugmentKernels {
-    const FILE: &'static str = "augment";
-
-    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
-        Ok(Self {
-            views: m.function("augment_views")?,
-            table: Mutex::new(None),
-        })
+kernel_set! {
+    /// The kernel of kernels/augment.cu and the device copy of the last view table.
+    AugmentKernels from "augment" {
+        views = "augment_views",
+    }
+    state |_m| {
+        table: Mutex<Option<CudaSlice<AugView>>> = Mutex::new(None),
     }
 }
 

@@ -15,9 +15,9 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::blas::Operand;
-use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule};
+use super::runtime::{CudaEngine, kernel_set};
 use super::view::{DevSlice, DevView, DevViewMut};
-use crate::engine::{Conv2d, ConvBackward, ConvOps};
+use crate::engine::{Conv2d, ConvBackward, ConvOps, ViewLen};
 
 /// `CONV_BLOCK` of kernels/conv.cu.
 pub const CONV_BLOCK: u32 = 256;
@@ -26,20 +26,11 @@ pub const CONV_BLOCK: u32 = 256;
 /// the products are not skinny, small enough to sit beside the activations.
 const COLS_BUDGET: usize = 64 << 20;
 
-/// The functions of kernels/conv.cu.
-pub(super) struct ConvKernels {
-    im2col: CudaFunction,
-    col2im: CudaFunction,
-}
-
-impl KernelSet for ConvKernels {
-    const FILE: &'static str = "conv";
-
-    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
-        Ok(Self {
-            im2col: m.function("conv_im2col")?,
-            col2im: m.function("conv_col2im")?,
-        })
+kernel_set! {
+    /// The functions of kernels/conv.cu.
+    ConvKernels from "conv" {
+        im2col = "conv_im2col",
+        col2im = "conv_col2im",
     }
 }
 
@@ -150,7 +141,8 @@ impl ConvOps for CudaEngine {
         for n0 in (0..s.batch).step_by(chunk) {
             let nb = chunk.min(s.batch - n0);
             let cn = nb * plane;
-            self.im2col(&shape, x, n0, nb, k, cols.dev_mut())?;
+            let unfold = (*x.ptr(), *cols.dev_mut().ptr());
+            self.launch_fold(&self.conv.im2col, &shape, unfold, (n0, nb), (k, cn))?;
             // SAFETY: cols holds [K, cn]; y's chunk is columns n0*P.. of [Cout, N*P].
             unsafe {
                 self.gemm(
@@ -205,8 +197,14 @@ impl ConvOps for CudaEngine {
             let nb = chunk.min(s.batch - n0);
             let cn = nb * plane;
             let dy_chunk = at(dy.ptr(), n0 * plane);
-            self.im2col(&shape, x, n0, nb, k, cols.dev_mut())?;
-            let cols_ptr = *cols.dev().ptr();
+            let cols_ptr = *cols.dev_mut().ptr();
+            self.launch_fold(
+                &self.conv.im2col,
+                &shape,
+                (*x.ptr(), cols_ptr),
+                (n0, nb),
+                (k, cn),
+            )?;
             // SAFETY: cols holds [K, cn]; dy's chunk is columns n0*P.. of [Cout, N*P].
             unsafe {
                 // dW^T[K, Cout] += cols[K, cn] dY_chunk^T[cn, Cout]
@@ -233,7 +231,10 @@ impl ConvOps for CudaEngine {
                         cn,
                     )?;
                 }
-                self.col2im(&shape, cols.dev(), n0, nb, s.in_channels, dx.ptr())?;
+                let pixels = nb * s.in_h * s.in_w;
+                let fold = (cols_ptr, *dx.ptr());
+                let grid = (s.in_channels, pixels);
+                self.launch_fold(&self.conv.col2im, &shape, fold, (n0, nb), grid)?;
             }
         }
         Ok(())
@@ -241,53 +242,30 @@ impl ConvOps for CudaEngine {
 }
 
 impl CudaEngine {
-    fn im2col(
+    /// Images `n0..n0 + nb` unfolded (`conv_im2col`: the batch `x` into `cols[K, nb P]`),
+    /// or folded back (`conv_col2im`: `cols` added into the batch `dx`): both take the same
+    /// arguments, over a grid of `rows` rows of `row_len` values.
+    fn launch_fold(
         &self,
+        kernel: &CudaFunction,
         shape: &ConvShape,
-        x: DevView<'_>,
-        n0: usize,
-        nb: usize,
-        rows: usize,
-        cols: DevViewMut<'_>,
+        (src, dst): (CUdeviceptr, CUdeviceptr),
+        (n0, nb): (usize, usize),
+        (rows, row_len): (usize, usize),
     ) -> Result<()> {
-        let row_len = nb * (shape.out_h * shape.out_w) as usize;
         let (n0, nb) = (n0 as u32, nb as u32);
-        // SAFETY: x holds the whole batch, cols at least rows * row_len values (the caller
-        // sized it for the largest chunk); indices fit u32 (conv_shape).
+        // SAFETY: the batch side holds the whole batch, the unfolded side at least
+        // rows * row_len values (the caller sized it for the largest chunk); indices fit u32
+        // (conv_shape).
         unsafe {
             self.stream
-                .launch_builder(&self.conv.im2col)
-                .arg(x.ptr())
+                .launch_builder(kernel)
+                .arg(&src)
                 .arg(shape)
                 .arg(&n0)
                 .arg(&nb)
-                .arg(cols.ptr())
+                .arg(&dst)
                 .launch(rows_grid(rows, row_len))?;
-        }
-        Ok(())
-    }
-
-    fn col2im(
-        &self,
-        shape: &ConvShape,
-        dcols: DevView<'_>,
-        n0: usize,
-        nb: usize,
-        channels: usize,
-        dx: &CUdeviceptr,
-    ) -> Result<()> {
-        let pixels = nb * (shape.in_h * shape.in_w) as usize;
-        let (n0, nb) = (n0 as u32, nb as u32);
-        // SAFETY: as in im2col; dx holds the whole batch.
-        unsafe {
-            self.stream
-                .launch_builder(&self.conv.col2im)
-                .arg(dcols.ptr())
-                .arg(shape)
-                .arg(&n0)
-                .arg(&nb)
-                .arg(dx)
-                .launch(rows_grid(channels, pixels))?;
         }
         Ok(())
     }

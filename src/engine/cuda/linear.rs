@@ -4,31 +4,21 @@
 //! `Y^T[N, out] = X^T[N, in] W^T[in, out]`.
 
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::blas::Operand;
-use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule};
-use crate::engine::{Linear, LinearBackward, LinearForward, LinearOps};
+use super::runtime::{CudaEngine, kernel_set};
+use crate::engine::{Linear, LinearBackward, LinearForward, LinearOps, ViewLen};
 
 /// `LINEAR_BLOCK` of kernels/linear.cu.
 pub const LINEAR_BLOCK: u32 = 256;
 
-/// The functions of kernels/linear.cu.
-pub(super) struct LinearKernels {
-    bias_act: CudaFunction,
-    relu_mask: CudaFunction,
-    bias_grad: CudaFunction,
-}
-
-impl KernelSet for LinearKernels {
-    const FILE: &'static str = "linear";
-
-    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
-        Ok(Self {
-            bias_act: m.function("linear_bias_act")?,
-            relu_mask: m.function("relu_mask")?,
-            bias_grad: m.function("linear_bias_grad")?,
-        })
+kernel_set! {
+    /// The functions of kernels/linear.cu.
+    LinearKernels from "linear" {
+        bias_act = "linear_bias_act",
+        relu_mask = "relu_mask",
+        bias_grad = "linear_bias_grad",
     }
 }
 

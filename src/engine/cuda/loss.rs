@@ -7,25 +7,35 @@ use std::sync::{Mutex, MutexGuard};
 use anyhow::{Result, ensure};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule, driver};
+use super::runtime::{CudaEngine, driver, kernel_set};
 use super::view::{DevSlice, DevView, DevViewMut};
-use crate::engine::{LossOps, LossViews, ViewPair, check_len};
+use crate::engine::{LossOps, LossViews, ViewLen, ViewPair, check_len};
 
 /// `LOSS_BLOCK` of kernels/loss.cu.
 pub const LOSS_BLOCK: u32 = 256;
 /// `LOSS_COLS` of kernels/loss.cu: samples per block of its column kernels.
 pub const LOSS_COLS: u32 = 8;
 
-/// The functions of kernels/loss.cu and their device scratch.
-pub(super) struct LossKernels {
-    normalize: CudaFunction,
-    ntxent_softmax: CudaFunction,
-    ntxent_backward: CudaFunction,
-    cohesion_rowsum: CudaFunction,
-    cohesion_backward: CudaFunction,
-    scratch: Mutex<Scratch>,
+kernel_set! {
+    /// The functions of kernels/loss.cu and their device scratch.
+    LossKernels from "loss" {
+        normalize = "loss_normalize",
+        ntxent_softmax = "ntxent_softmax",
+        ntxent_backward = "ntxent_backward",
+        cohesion_rowsum = "cohesion_rowsum",
+        cohesion_backward = "cohesion_backward",
+    }
+    state |m| {
+        scratch: Mutex<Scratch> = Mutex::new(Scratch {
+            loss: m
+                .stream()
+                .alloc_zeros(1)
+                .map_err(driver("allocating the loss scratch"))?,
+            shaped: None,
+        }),
+    }
 }
 
 /// The loss value (one float the host reads back) and the intermediates, allocated for the
@@ -33,25 +43,6 @@ pub(super) struct LossKernels {
 struct Scratch {
     loss: CudaSlice<f32>,
     shaped: Option<LossScratch>,
-}
-
-impl KernelSet for LossKernels {
-    const FILE: &'static str = "loss";
-
-    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
-        let loss = m
-            .stream()
-            .alloc_zeros(1)
-            .map_err(driver("allocating the loss scratch"))?;
-        Ok(Self {
-            normalize: m.function("loss_normalize")?,
-            ntxent_softmax: m.function("ntxent_softmax")?,
-            ntxent_backward: m.function("ntxent_backward")?,
-            cohesion_rowsum: m.function("cohesion_rowsum")?,
-            cohesion_backward: m.function("cohesion_backward")?,
-            scratch: Mutex::new(Scratch { loss, shaped: None }),
-        })
-    }
 }
 
 /// Intermediates of both losses for one batch shape (see kernels/loss.cu for the layouts).

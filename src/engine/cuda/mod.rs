@@ -10,8 +10,8 @@
 //! The kernel sources include no headers so that NVRTC compiles them as they are.
 //!
 //! [`CudaEngine`] (`runtime.rs`) opens a device and loads each kernel file once, through the
-//! [`runtime::KernelSet`] of the file that launches it. Each op family is implemented in its
-//! own file, next to its kernels' launch code: `conv.rs` (kernels/conv.cu + cuBLAS),
+//! `KernelSet` (declared by `kernel_set!`) of the file that launches it. Each op family is
+//! implemented in its own file, next to its kernels' launch code: `conv.rs` (kernels/conv.cu + cuBLAS),
 //! `norm.rs`, `pool.rs`, `linear.rs`, `loss.rs`, `update.rs` (kernels/ags.cu); each kernel has
 //! the CPU engine's op as its twin (`tests/cuda_*.rs` hold them against each other).
 //! [`CudaEngine::augment`] renders training views from u8 patches on the device (twin: the

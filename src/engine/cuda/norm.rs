@@ -7,11 +7,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{Result, ensure};
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule};
+use super::runtime::{CudaEngine, kernel_set};
 use super::view::{DevSlice, DevView, DevViewMut};
-use crate::engine::{BatchNorm, BnEvalForward, BnTrainBackward, BnTrainForward, NormOps};
+use crate::engine::{BatchNorm, BnBackward, BnForward, BnStats, NormOps};
 
 /// `NORM_BLOCK` of kernels/norm.cu.
 pub const NORM_BLOCK: u32 = 256;
@@ -22,31 +22,19 @@ const NORM_WARPS: u32 = NORM_BLOCK / 32;
 /// The most channels one launch takes (the grid's y dimension).
 const MAX_CHANNELS: usize = 65_535;
 
-/// The functions of kernels/norm.cu, and the f64 scratch of their partial sums (grown on
-/// demand, reused across calls; every op runs on the one stream, in order).
-pub(super) struct NormKernels {
-    stats_partial: CudaFunction,
-    stats_finalize: CudaFunction,
-    apply: CudaFunction,
-    grad_partial: CudaFunction,
-    grad_finalize: CudaFunction,
-    grad_apply: CudaFunction,
-    partials: Mutex<Option<CudaSlice<f64>>>,
-}
-
-impl KernelSet for NormKernels {
-    const FILE: &'static str = "norm";
-
-    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
-        Ok(NormKernels {
-            stats_partial: m.function("bn_stats_partial")?,
-            stats_finalize: m.function("bn_stats_finalize")?,
-            apply: m.function("bn_apply")?,
-            grad_partial: m.function("bn_grad_partial")?,
-            grad_finalize: m.function("bn_grad_finalize")?,
-            grad_apply: m.function("bn_grad_apply")?,
-            partials: Mutex::new(None),
-        })
+kernel_set! {
+    /// The functions of kernels/norm.cu, and the f64 scratch of their partial sums (grown on
+    /// demand, reused across calls; every op runs on the one stream, in order).
+    NormKernels from "norm" {
+        stats_partial = "bn_stats_partial",
+        stats_finalize = "bn_stats_finalize",
+        apply = "bn_apply",
+        grad_partial = "bn_grad_partial",
+        grad_finalize = "bn_grad_finalize",
+        grad_apply = "bn_grad_apply",
+    }
+    state |_m| {
+        partials: Mutex<Option<CudaSlice<f64>>> = Mutex::new(None),
     }
 }
 
@@ -108,81 +96,41 @@ fn ptr_or_null(v: Option<DevView<'_>>) -> CUdeviceptr {
     v.map_or(0, |v| *v.ptr())
 }
 
-/// What `bn_apply` normalizes with: the batch's `[mean; invstd]` or the running
-/// `[mean; var]`.
-enum Stats<'a> {
-    Batch(DevView<'a>),
-    Running(DevView<'a>),
-}
-
-/// The buffers of one `bn_apply` launch (checked by the caller).
-struct Apply<'a> {
-    x: DevView<'a>,
-    affine: DevView<'a>,
-    stats: Stats<'a>,
-    residual: Option<DevView<'a>>,
-    relu: bool,
-    y: DevViewMut<'a>,
-}
-
 impl NormOps for CudaEngine {
-    fn batchnorm_train_forward(&self, s: &BatchNorm, a: BnTrainForward<'_, Self>) -> Result<()> {
+    fn batchnorm_forward(&self, s: &BatchNorm, mut a: BnForward<'_, Self>) -> Result<()> {
         a.check(s)?;
         let Some(shape) = launch_shape(s)? else {
             return Ok(());
         };
-        let mut slot = self.norm_scratch(shape.scratch_len())?;
-        let partials = slot.as_mut().expect("just allocated").dev_mut();
-        // SAFETY: lengths checked above; the scratch holds 2 C chunks doubles; launch shapes
-        // as kernels/norm.cu's contract asks.
+        // bn_apply normalizes with the batch's [mean; invstd] or the running [mean; var].
+        let (stats, eval) = match &mut a.stats {
+            BnStats::Batch { saved, running } => {
+                self.launch_bn_stats(&shape, s, a.x, saved.reborrow(), running.reborrow())?;
+                (saved.as_view(), 0i32)
+            }
+            BnStats::Running(running) => (*running, 1),
+        };
+        let relu = a.relu as i32;
+        let res = ptr_or_null(a.residual);
+        // SAFETY: lengths checked above; launch shape as kernels/norm.cu's contract asks.
         unsafe {
             self.stream
-                .launch_builder(&self.norm.stats_partial)
+                .launch_builder(&self.norm.apply)
                 .arg(a.x.ptr())
+                .arg(&res)
                 .arg(&shape.m)
-                .arg(partials.ptr())
-                .launch(shape.rows())?;
-            self.stream
-                .launch_builder(&self.norm.stats_finalize)
-                .arg(a.x.ptr())
-                .arg(&shape.m)
-                .arg(&shape.channels)
-                .arg(&shape.chunks)
-                .arg(partials.ptr())
+                .arg(a.affine.ptr())
+                .arg(stats.ptr())
                 .arg(&s.eps)
-                .arg(&s.momentum)
-                .arg(a.saved.ptr())
-                .arg(a.running.ptr())
-                .launch(shape.finalize())?;
+                .arg(&eval)
+                .arg(&relu)
+                .arg(a.y.ptr())
+                .launch(shape.rows())?;
         }
-        let apply = Apply {
-            x: a.x,
-            affine: a.affine,
-            stats: Stats::Batch(a.saved.as_view()),
-            residual: a.residual,
-            relu: a.relu,
-            y: a.y,
-        };
-        self.launch_bn_apply(&shape, s, apply)
+        Ok(())
     }
 
-    fn batchnorm_eval_forward(&self, s: &BatchNorm, a: BnEvalForward<'_, Self>) -> Result<()> {
-        a.check(s)?;
-        let Some(shape) = launch_shape(s)? else {
-            return Ok(());
-        };
-        let apply = Apply {
-            x: a.x,
-            affine: a.affine,
-            stats: Stats::Running(a.running),
-            residual: a.residual,
-            relu: a.relu,
-            y: a.y,
-        };
-        self.launch_bn_apply(&shape, s, apply)
-    }
-
-    fn batchnorm_train_backward(&self, s: &BatchNorm, a: BnTrainBackward<'_, Self>) -> Result<()> {
+    fn batchnorm_backward(&self, s: &BatchNorm, a: BnBackward<'_, Self>) -> Result<()> {
         a.check(s)?;
         let Some(shape) = launch_shape(s)? else {
             return Ok(());
@@ -246,29 +194,39 @@ impl CudaEngine {
         Ok(slot)
     }
 
-    /// `y = act(affine(normalize(x)) [+ residual])` with the statistics of `a.stats`.
-    fn launch_bn_apply(&self, shape: &Shape, s: &BatchNorm, a: Apply<'_>) -> Result<()> {
-        let (stats, eval) = match a.stats {
-            Stats::Batch(v) => (v, 0i32),
-            Stats::Running(v) => (v, 1i32),
-        };
-        let relu = a.relu as i32;
-        let res = ptr_or_null(a.residual);
-        // SAFETY: lengths checked by the callers; launch shape as kernels/norm.cu's contract
-        // asks.
+    /// The batch's statistics into `saved = [mean; invstd]`, and the running `[mean; var]`
+    /// updated (buffers checked by the caller).
+    fn launch_bn_stats(
+        &self,
+        shape: &Shape,
+        s: &BatchNorm,
+        x: DevView<'_>,
+        saved: DevViewMut<'_>,
+        running: DevViewMut<'_>,
+    ) -> Result<()> {
+        let mut slot = self.norm_scratch(shape.scratch_len())?;
+        let partials = slot.as_mut().expect("just allocated").dev_mut();
+        // SAFETY: the scratch holds 2 C chunks doubles; launch shapes as kernels/norm.cu's
+        // contract asks.
         unsafe {
             self.stream
-                .launch_builder(&self.norm.apply)
-                .arg(a.x.ptr())
-                .arg(&res)
+                .launch_builder(&self.norm.stats_partial)
+                .arg(x.ptr())
                 .arg(&shape.m)
-                .arg(a.affine.ptr())
-                .arg(stats.ptr())
-                .arg(&s.eps)
-                .arg(&eval)
-                .arg(&relu)
-                .arg(a.y.ptr())
+                .arg(partials.ptr())
                 .launch(shape.rows())?;
+            self.stream
+                .launch_builder(&self.norm.stats_finalize)
+                .arg(x.ptr())
+                .arg(&shape.m)
+                .arg(&shape.channels)
+                .arg(&shape.chunks)
+                .arg(partials.ptr())
+                .arg(&s.eps)
+                .arg(&s.momentum)
+                .arg(saved.ptr())
+                .arg(running.ptr())
+                .launch(shape.finalize())?;
         }
         Ok(())
     }

@@ -2,35 +2,24 @@
 //! bit-identical to the CPU twin's (src/engine/cpu/pool.rs).
 
 use anyhow::{Result, ensure};
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule};
+use super::runtime::{CudaEngine, kernel_set};
 use super::view::{DevView, DevViewMut};
-use crate::engine::{AvgPool, MaxPool, PoolOps};
+use crate::engine::{AvgPool, MaxPool, PoolOps, ViewLen};
 
 /// `POOL_BLOCK` of kernels/pool.cu.
 pub const POOL_BLOCK: u32 = 256;
 /// The most blocks of one launch; the kernels' grid-stride loops cover the rest.
 const MAX_BLOCKS: usize = 1 << 20;
 
-/// The functions of kernels/pool.cu.
-pub(super) struct PoolKernels {
-    max_forward: CudaFunction,
-    max_backward: CudaFunction,
-    avg_forward: CudaFunction,
-    avg_backward: CudaFunction,
-}
-
-impl KernelSet for PoolKernels {
-    const FILE: &'static str = "pool";
-
-    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
-        Ok(PoolKernels {
-            max_forward: m.function("maxpool_forward")?,
-            max_backward: m.function("maxpool_backward")?,
-            avg_forward: m.function("avgpool_forward")?,
-            avg_backward: m.function("avgpool_backward")?,
-        })
+kernel_set! {
+    /// The functions of kernels/pool.cu.
+    PoolKernels from "pool" {
+        max_forward = "maxpool_forward",
+        max_backward = "maxpool_backward",
+        avg_forward = "avgpool_forward",
+        avg_backward = "avgpool_backward",
     }
 }
 
@@ -90,30 +79,27 @@ fn check_window(s: &MaxPool) -> Result<[i32; 7]> {
     .map(|v| v as i32))
 }
 
+/// Pushes a window's `h, w, oh, ow, kernel, stride, pad` (the kernels' argument order).
+fn window_args<'a>(launch: &mut LaunchArgs<'a>, window: &'a [i32; 7]) {
+    for v in window {
+        launch.arg(v);
+    }
+}
+
 impl PoolOps for CudaEngine {
     fn maxpool_forward(&self, s: &MaxPool, x: DevView<'_>, y: DevViewMut<'_>) -> Result<()> {
-        let [h, w, oh, ow, k, st, p] = check_window(s)?;
+        let window = check_window(s)?;
         s.check_forward(x.len(), y.len())?;
         if y.is_empty() {
             return Ok(());
         }
         let planes = s.planes as u64;
+        let mut launch = self.stream.launch_builder(&self.pool.max_forward);
+        launch.arg(x.ptr()).arg(&planes);
+        window_args(&mut launch, &window);
+        launch.arg(y.ptr());
         // SAFETY: lengths checked above; any grid (kernels/pool.cu).
-        unsafe {
-            self.stream
-                .launch_builder(&self.pool.max_forward)
-                .arg(x.ptr())
-                .arg(&planes)
-                .arg(&h)
-                .arg(&w)
-                .arg(&oh)
-                .arg(&ow)
-                .arg(&k)
-                .arg(&st)
-                .arg(&p)
-                .arg(y.ptr())
-                .launch(threads(y.len()))?;
-        }
+        unsafe { launch.launch(threads(y.len())) }?;
         Ok(())
     }
 
@@ -124,68 +110,56 @@ impl PoolOps for CudaEngine {
         dy: DevView<'_>,
         dx: DevViewMut<'_>,
     ) -> Result<()> {
-        let [h, w, oh, ow, k, st, p] = check_window(s)?;
+        let window = check_window(s)?;
         s.check_backward(x.len(), dy.len(), dx.len())?;
         if dx.is_empty() {
             return Ok(());
         }
         let planes = s.planes as u64;
+        let mut launch = self.stream.launch_builder(&self.pool.max_backward);
+        launch.arg(x.ptr()).arg(dy.ptr()).arg(&planes);
+        window_args(&mut launch, &window);
+        launch.arg(dx.ptr());
         // SAFETY: lengths checked above; any grid (kernels/pool.cu).
-        unsafe {
-            self.stream
-                .launch_builder(&self.pool.max_backward)
-                .arg(x.ptr())
-                .arg(dy.ptr())
-                .arg(&planes)
-                .arg(&h)
-                .arg(&w)
-                .arg(&oh)
-                .arg(&ow)
-                .arg(&k)
-                .arg(&st)
-                .arg(&p)
-                .arg(dx.ptr())
-                .launch(threads(dx.len()))?;
-        }
+        unsafe { launch.launch(threads(dx.len())) }?;
         Ok(())
     }
 
     fn avgpool_forward(&self, s: &AvgPool, x: DevView<'_>, y: DevViewMut<'_>) -> Result<()> {
         s.check_forward(x.len(), y.len())?;
-        ensure!(s.spatial > 0, "average pool over empty planes");
-        if y.is_empty() {
-            return Ok(());
-        }
-        let (planes, spatial) = (s.planes as u64, s.spatial as u64);
-        // SAFETY: lengths checked above; any grid (kernels/pool.cu).
-        unsafe {
-            self.stream
-                .launch_builder(&self.pool.avg_forward)
-                .arg(x.ptr())
-                .arg(&planes)
-                .arg(&spatial)
-                .arg(y.ptr())
-                .launch(threads(s.planes))?;
-        }
-        Ok(())
+        self.launch_avgpool(&self.pool.avg_forward, s, x, y)
     }
 
     fn avgpool_backward(&self, s: &AvgPool, dy: DevView<'_>, dx: DevViewMut<'_>) -> Result<()> {
         s.check_backward(dy.len(), dx.len())?;
+        self.launch_avgpool(&self.pool.avg_backward, s, dy, dx)
+    }
+}
+
+impl CudaEngine {
+    /// One average-pool kernel from `input` to `output` (lengths checked by the caller), one
+    /// thread per output value.
+    fn launch_avgpool(
+        &self,
+        kernel: &CudaFunction,
+        s: &AvgPool,
+        input: DevView<'_>,
+        output: DevViewMut<'_>,
+    ) -> Result<()> {
         ensure!(s.spatial > 0, "average pool over empty planes");
-        if dx.is_empty() {
+        if output.is_empty() {
             return Ok(());
         }
         let (planes, spatial) = (s.planes as u64, s.spatial as u64);
-        // SAFETY: lengths checked above; any grid (kernels/pool.cu).
+        // SAFETY: lengths checked by the caller; any grid (kernels/pool.cu).
         unsafe {
             self.stream
-                .launch_builder(&self.pool.avg_backward)
-                .arg(dy.ptr())
+                .launch_builder(kernel)
+                .arg(input.ptr())
                 .arg(&planes)
                 .arg(&spatial)
-                .arg(dx.ptr())
-                .launch(threads(dx.len()))?;
+                .arg(output.ptr())
+                .launch(threads(output.len()))?;
         }
         Ok(())
     }

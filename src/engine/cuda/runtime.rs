@@ -22,7 +22,7 @@ use super::pool::PoolKernels;
 use super::update::AgsKernels;
 use super::view::{DevSlice, DevView, DevViewMut};
 use super::{KernelFile, kernel_file};
-use crate::engine::{Backend, Memory, check_len};
+use crate::engine::{Backend, Memory, ViewLen, check_len};
 
 /// Why [`CudaEngine::new`] failed. The first two mean "no GPU here"; the others, a broken setup.
 #[derive(Debug, thiserror::Error)]
@@ -75,12 +75,57 @@ pub enum KernelSource {
 }
 
 /// The functions of one `kernels/<FILE>.cu` (and any device state they keep), loaded once
-/// when the engine starts. Every kernel file has one, next to the ops that launch it.
+/// when the engine starts. Every kernel file has one, declared by [`kernel_set!`] next to the
+/// ops that launch it.
 pub(super) trait KernelSet: Sized {
     /// The file stem: `norm` for `kernels/norm.cu`.
     const FILE: &'static str;
     fn load(module: &LoadedModule<'_>) -> Result<Self, GpuError>;
 }
+
+/// Declares the [`KernelSet`] of one kernel file: a struct holding each of its functions,
+/// loaded by name, and any state its ops keep, each initialized from the loaded module:
+///
+/// ```text
+/// kernel_set! {
+///     /// The functions of kernels/pool.cu.
+///     PoolKernels from "pool" {
+///         max_forward = "maxpool_forward",
+///         max_backward = "maxpool_backward",
+///     }
+///     state |m| { grid: u32 = m.resident_grid(...)?, }
+/// }
+/// ```
+macro_rules! kernel_set {
+    (
+        $(#[$doc:meta])*
+        $name:ident from $file:literal {
+            $($function:ident = $kernel:literal,)*
+        }
+        $(state |$m:ident| { $($state:ident: $ty:ty = $init:expr,)* })?
+    ) => {
+        $(#[$doc])*
+        pub(super) struct $name {
+            $($function: cudarc::driver::CudaFunction,)*
+            $($($state: $ty,)*)?
+        }
+
+        impl $crate::engine::cuda::runtime::KernelSet for $name {
+            const FILE: &'static str = $file;
+
+            fn load(
+                module: &$crate::engine::cuda::runtime::LoadedModule<'_>,
+            ) -> Result<Self, $crate::engine::cuda::GpuError> {
+                $(let $m = module;)?
+                Ok(Self {
+                    $($function: module.function($kernel)?,)*
+                    $($($state: $init,)*)?
+                })
+            }
+        }
+    };
+}
+pub(super) use kernel_set;
 
 /// A kernel file loaded on the device, to take its functions from.
 pub(super) struct LoadedModule<'a> {

@@ -5,11 +5,11 @@
 use std::sync::Mutex;
 
 use anyhow::Result;
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::runtime::{CudaEngine, GpuError, KernelSet, LoadedModule, driver};
+use super::runtime::{CudaEngine, GpuError, LoadedModule, driver, kernel_set};
 use super::view::{DevSlice, DevView, DevViewMut};
-use crate::engine::{GradDots, SgdBuffers, SgdUpdate, UpdateOps, check_len};
+use crate::engine::{GradDots, SgdBuffers, SgdUpdate, UpdateOps, ViewLen, check_len};
 
 /// Grid of `ags_dots_partial`: a constant, so that the reduction's order, and therefore its
 /// result, is the same on every GPU (see kernels/ags.cu).
@@ -19,48 +19,37 @@ pub const AGS_DOTS_BLOCK: u32 = 256;
 /// `AGS_UPDATE_BLOCK` of kernels/ags.cu.
 pub const AGS_UPDATE_BLOCK: u32 = 256;
 
-/// The functions of kernels/ags.cu, the resident grid (blocks per multiprocessor at
-/// `AGS_UPDATE_BLOCK` threads, times the multiprocessors) of each elementwise one, and the
-/// reduction's device scratch.
-pub(super) struct AgsKernels {
-    dots_partial: CudaFunction,
-    dots_finalize: CudaFunction,
-    sgd_step: CudaFunction,
-    sgd_step_grid: u32,
-    combine: CudaFunction,
-    combine_grid: u32,
-    scratch: Mutex<DotsScratch>,
+kernel_set! {
+    /// The functions of kernels/ags.cu, the resident grid (blocks per multiprocessor at
+    /// `AGS_UPDATE_BLOCK` threads, times the multiprocessors) of each elementwise one, and the
+    /// reduction's device scratch.
+    AgsKernels from "ags" {
+        dots_partial = "ags_dots_partial",
+        dots_finalize = "ags_dots_finalize",
+        sgd_step = "ags_sgd_step",
+        combine = "ags_combine",
+    }
+    state |m| {
+        sgd_step_grid: u32 = m.resident_grid(&m.function("ags_sgd_step")?, AGS_UPDATE_BLOCK)?,
+        combine_grid: u32 = m.resident_grid(&m.function("ags_combine")?, AGS_UPDATE_BLOCK)?,
+        scratch: Mutex<DotsScratch> = Mutex::new(DotsScratch {
+            partials: alloc(m, 3 * AGS_DOTS_GRID as usize)?,
+            dots: alloc(m, 3)?,
+        }),
+    }
+}
+
+/// A zeroed device buffer for the reduction.
+fn alloc(m: &LoadedModule<'_>, len: usize) -> Result<CudaSlice<f64>, GpuError> {
+    m.stream()
+        .alloc_zeros(len)
+        .map_err(driver("allocating the surgery's scratch"))
 }
 
 /// The partial sums of `ags_dots_partial` (`3 * AGS_DOTS_GRID`) and the three results.
 struct DotsScratch {
     partials: CudaSlice<f64>,
     dots: CudaSlice<f64>,
-}
-
-impl KernelSet for AgsKernels {
-    const FILE: &'static str = "ags";
-
-    fn load(m: &LoadedModule<'_>) -> Result<Self, GpuError> {
-        let (sgd_step, combine) = (m.function("ags_sgd_step")?, m.function("ags_combine")?);
-        let alloc = |len| {
-            m.stream()
-                .alloc_zeros(len)
-                .map_err(driver("allocating the surgery's scratch"))
-        };
-        Ok(Self {
-            dots_partial: m.function("ags_dots_partial")?,
-            dots_finalize: m.function("ags_dots_finalize")?,
-            sgd_step_grid: m.resident_grid(&sgd_step, AGS_UPDATE_BLOCK)?,
-            sgd_step,
-            combine_grid: m.resident_grid(&combine, AGS_UPDATE_BLOCK)?,
-            combine,
-            scratch: Mutex::new(DotsScratch {
-                partials: alloc(3 * AGS_DOTS_GRID as usize)?,
-                dots: alloc(3)?,
-            }),
-        })
-    }
 }
 
 /// Blocks for an elementwise pass over `n` values: enough for one float4 per thread, capped

@@ -44,14 +44,6 @@ fn byte_offset<T>(ptr: CUdeviceptr, len: usize, range: &Range<usize>) -> CUdevic
 }
 
 impl<'a, T> DevView<'a, T> {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The device address, as a kernel argument.
     pub fn ptr(&self) -> &CUdeviceptr {
         &self.ptr
@@ -68,14 +60,6 @@ impl<'a, T> DevView<'a, T> {
 }
 
 impl<'a, T> DevViewMut<'a, T> {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The device address, as a kernel argument.
     pub fn ptr(&self) -> &CUdeviceptr {
         &self.ptr
@@ -109,6 +93,7 @@ impl<'a, T> DevViewMut<'a, T> {
     }
 }
 
+/// Their lengths, through [`ViewLen`] as every engine's views.
 impl<T> ViewLen for DevView<'_, T> {
     fn len(&self) -> usize {
         self.len

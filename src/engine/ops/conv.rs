@@ -19,6 +19,26 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    /// A convolution of `batch` images of `h x w`, `cin` to `cout` channels, with a square
+    /// `kernel`, `stride` and zero padding `pad`.
+    pub fn new(
+        batch: usize,
+        (in_channels, out_channels): (usize, usize),
+        (in_h, in_w): (usize, usize),
+        (kernel, stride, pad): (usize, usize, usize),
+    ) -> Self {
+        Self {
+            batch,
+            in_channels,
+            out_channels,
+            in_h,
+            in_w,
+            kernel,
+            stride,
+            pad,
+        }
+    }
+
     pub fn out_h(&self) -> usize {
         (self.in_h + 2 * self.pad - self.kernel) / self.stride + 1
     }

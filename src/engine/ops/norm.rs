@@ -45,8 +45,20 @@ impl BatchNorm {
     }
 }
 
-/// The buffers of [`NormOps::batchnorm_train_forward`].
-pub struct BnTrainForward<'a, B: Backend + 'a> {
+/// What a batch norm forward normalizes with, and what it records.
+pub enum BnStats<'a, B: Backend + 'a> {
+    /// Training mode: this batch's statistics, written to `saved = [mean; invstd]` for the
+    /// backward pass, and the running `[mean; var]` updated.
+    Batch {
+        saved: B::ViewMut<'a>,
+        running: B::ViewMut<'a>,
+    },
+    /// Evaluation mode: the running statistics `[mean; var]`, unchanged.
+    Running(B::View<'a>),
+}
+
+/// The buffers of [`NormOps::batchnorm_forward`].
+pub struct BnForward<'a, B: Backend + 'a> {
     pub x: B::View<'a>,
     /// `[gamma; beta]`.
     pub affine: B::View<'a>,
@@ -55,47 +67,28 @@ pub struct BnTrainForward<'a, B: Backend + 'a> {
     pub relu: bool,
     /// Written.
     pub y: B::ViewMut<'a>,
-    /// Written: `[mean; invstd]` of this batch, for the backward pass.
-    pub saved: B::ViewMut<'a>,
-    /// Updated: `[mean; var]`.
-    pub running: B::ViewMut<'a>,
+    pub stats: BnStats<'a, B>,
 }
 
-impl<B: Backend> BnTrainForward<'_, B> {
+impl<B: Backend> BnForward<'_, B> {
     pub fn check(&self, s: &BatchNorm) -> Result<()> {
         let residual = self.residual.as_ref().map(ViewLen::len);
         s.check_input(self.x.len(), self.affine.len(), residual)?;
         s.check_like_input("batch norm output", self.y.len())?;
-        s.check_pairs("batch norm saved statistics", self.saved.len())?;
-        s.check_pairs("batch norm running statistics", self.running.len())
+        match &self.stats {
+            BnStats::Batch { saved, running } => {
+                s.check_pairs("batch norm saved statistics", saved.len())?;
+                s.check_pairs("batch norm running statistics", running.len())
+            }
+            BnStats::Running(running) => {
+                s.check_pairs("batch norm running statistics", running.len())
+            }
+        }
     }
 }
 
-/// The buffers of [`NormOps::batchnorm_eval_forward`].
-pub struct BnEvalForward<'a, B: Backend + 'a> {
-    pub x: B::View<'a>,
-    /// `[gamma; beta]`.
-    pub affine: B::View<'a>,
-    /// `[mean; var]`.
-    pub running: B::View<'a>,
-    /// Added after the normalization, before the ReLU.
-    pub residual: Option<B::View<'a>>,
-    pub relu: bool,
-    /// Written.
-    pub y: B::ViewMut<'a>,
-}
-
-impl<B: Backend> BnEvalForward<'_, B> {
-    pub fn check(&self, s: &BatchNorm) -> Result<()> {
-        let residual = self.residual.as_ref().map(ViewLen::len);
-        s.check_input(self.x.len(), self.affine.len(), residual)?;
-        s.check_pairs("batch norm running statistics", self.running.len())?;
-        s.check_like_input("batch norm output", self.y.len())
-    }
-}
-
-/// The buffers of [`NormOps::batchnorm_train_backward`].
-pub struct BnTrainBackward<'a, B: Backend + 'a> {
+/// The buffers of [`NormOps::batchnorm_backward`].
+pub struct BnBackward<'a, B: Backend + 'a> {
     pub x: B::View<'a>,
     /// `[gamma; beta]`.
     pub affine: B::View<'a>,
@@ -112,7 +105,7 @@ pub struct BnTrainBackward<'a, B: Backend + 'a> {
     pub daffine: B::ViewMut<'a>,
 }
 
-impl<B: Backend> BnTrainBackward<'_, B> {
+impl<B: Backend> BnBackward<'_, B> {
     pub fn check(&self, s: &BatchNorm) -> Result<()> {
         let relu_out = self.relu_out.as_ref().map(ViewLen::len);
         s.check_input(self.x.len(), self.affine.len(), relu_out)?;
@@ -124,20 +117,18 @@ impl<B: Backend> BnTrainBackward<'_, B> {
 }
 
 pub trait NormOps: Backend {
-    /// Training-mode batch norm with this batch's statistics, optionally followed by a
-    /// residual add and a ReLU: `y = act(gamma (x - mean) invstd + beta [+ residual])`.
-    /// Writes `y` and `saved = [mean; invstd]`; updates `running = [mean; var]` with
-    /// `r = (1 - momentum) r + momentum batch_stat`, the variance unbiased (as PyTorch).
-    fn batchnorm_train_forward(&self, s: &BatchNorm, a: BnTrainForward<'_, Self>) -> Result<()>;
+    /// Batch norm, optionally followed by a residual add and a ReLU:
+    /// `y = act(gamma (x - mean) invstd + beta [+ residual])`. In training mode
+    /// ([`BnStats::Batch`]) with this batch's statistics: writes `saved = [mean; invstd]` and
+    /// updates `running = [mean; var]` with `r = (1 - momentum) r + momentum batch_stat`, the
+    /// variance unbiased (as PyTorch). In evaluation mode ([`BnStats::Running`]) with the
+    /// running statistics. Writes `y`.
+    fn batchnorm_forward(&self, s: &BatchNorm, a: BnForward<'_, Self>) -> Result<()>;
 
-    /// Evaluation-mode batch norm with the running statistics `[mean; var]`, optionally
-    /// followed by a residual add and a ReLU. Writes `y`.
-    fn batchnorm_eval_forward(&self, s: &BatchNorm, a: BnEvalForward<'_, Self>) -> Result<()>;
-
-    /// Backward of [`NormOps::batchnorm_train_forward`]. With `relu_out = Some(y)` the ReLU
-    /// is undone first, in place: `dy <- dy [y > 0]`. With `xhat = (x - mean) invstd` and `M`
-    /// values per channel: `dgamma = sum dy xhat`, `dbeta = sum dy`,
+    /// Backward of a training-mode [`NormOps::batchnorm_forward`]. With `relu_out = Some(y)`
+    /// the ReLU is undone first, in place: `dy <- dy [y > 0]`. With `xhat = (x - mean) invstd`
+    /// and `M` values per channel: `dgamma = sum dy xhat`, `dbeta = sum dy`,
     /// `dx = gamma invstd / M (M dy - dbeta - xhat dgamma)`. Writes `dx`;
     /// `daffine += [dgamma; dbeta]`.
-    fn batchnorm_train_backward(&self, s: &BatchNorm, a: BnTrainBackward<'_, Self>) -> Result<()>;
+    fn batchnorm_backward(&self, s: &BatchNorm, a: BnBackward<'_, Self>) -> Result<()>;
 }

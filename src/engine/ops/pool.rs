@@ -18,6 +18,22 @@ pub struct MaxPool {
 }
 
 impl MaxPool {
+    /// Max pooling of `planes` planes of `h x w` with a square `kernel`, `stride` and `pad`.
+    pub fn new(
+        planes: usize,
+        (in_h, in_w): (usize, usize),
+        (kernel, stride, pad): (usize, usize, usize),
+    ) -> Self {
+        Self {
+            planes,
+            in_h,
+            in_w,
+            kernel,
+            stride,
+            pad,
+        }
+    }
+
     pub fn out_h(&self) -> usize {
         (self.in_h + 2 * self.pad - self.kernel) / self.stride + 1
     }

@@ -2,7 +2,7 @@
 # End-to-end SLAM-AGS pretraining on one GPU, ours against PyTorch, in ONE call on the GPU
 # machine (CUDA + PyTorch + torchvision, no Rust, no network):
 #
-#   bash bench/gpu-e2e.sh OUT [--slam PATH] [--quick]
+#   bash pytorch/gpu-e2e.sh OUT [--slam PATH] [--quick]
 #
 # Runs, each under its own timeout, every log and JSON under OUT:
 #   1. slam bench e2e --device cuda --json --matmul tf32     (our pretraining, reference config)
@@ -11,7 +11,7 @@
 #   4. PyTorch (b) fast: GPU data + augmentation, channels_last, bf16 autocast, torch.compile
 #   5. PyTorch (b) without torch.compile (a fallback row should compile fail or time out)
 #   6. step-dump parity: slam dump-step (CPU engine and --device cuda; fresh ResNet-18 at crop
-#      64, and a replay of the golden small_pcgrad step) checked by bench/torch/check_dump.py
+#      64, and a replay of the golden small_pcgrad step) checked by pytorch/check_dump.py
 # and prints ONE markdown table (OUT/table.md): variant, images/s, ratio to PyTorch (a) and
 # (b), GPU memory, parity errors. A part that fails or times out is a FAILED row; the table
 # is always printed. Budget: about 6-7 minutes on an H200 after the machine starts.
@@ -22,7 +22,7 @@
 # For a dry run without a GPU: E2E_TORCH_ARGS (extra bench_step.py flags, e.g. a tiny network
 # and --device cpu) and E2E_CHECK_DEVICE (check_dump.py's device, default cuda).
 set -uo pipefail
-OUT=${1:?usage: bash bench/gpu-e2e.sh OUT [--slam PATH] [--quick]}
+OUT=${1:?usage: bash pytorch/gpu-e2e.sh OUT [--slam PATH] [--quick]}
 shift
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SLAM=""
@@ -42,7 +42,7 @@ fi
 PY=${PYTHON:-python3}
 read -r -a TORCH_EXTRA <<<"${E2E_TORCH_ARGS:-}"
 CHECK_DEV=${E2E_CHECK_DEVICE:-cuda}
-TORCH="$ROOT/bench/torch"
+TORCH="$ROOT/pytorch"
 mkdir -p "$OUT/status"
 START=$(date +%s)
 

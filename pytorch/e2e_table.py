@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Renders the one markdown table of bench/gpu-e2e.sh from what its parts left in OUT.
+"""Renders the one markdown table of pytorch/gpu-e2e.sh from what its parts left in OUT.
 
   python e2e_table.py OUT
 
