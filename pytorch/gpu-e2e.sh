@@ -12,17 +12,20 @@
 #   5. PyTorch (b) without torch.compile (a fallback row should compile fail or time out)
 #   6. step-dump parity: slam dump-step (CPU engine and --device cuda; fresh ResNet-18 at crop
 #      64, and a replay of the golden small_pcgrad step) checked by pytorch/check_dump.py
-# and prints ONE markdown table (OUT/table.md): variant, images/s, ratio to PyTorch (a) and
-# (b), GPU memory, parity errors. A part that fails or times out is a FAILED row; the table
-# is always printed. Budget: about 6-7 minutes on an H200 after the machine starts.
+# and prints ONE markdown table: variant, images/s, ratio to PyTorch (a) and (b), GPU memory,
+# parity errors. A part that fails or times out is a FAILED row; the table is always printed.
+# Budget: about 6-7 minutes on an H200 after the machine starts. A device call brings back at
+# most 8 files, so OUT receives two: table.md and e2e-logs.tar.gz (info.txt, each part's
+# output, log and status, the parity reports; not the step dumps, which are large).
 #
-# --slam PATH: the slam binary (default .gpu/slam, else target/release/slam).
+# --slam PATH: the slam binary (default: bin/slam of .gpu/bin.tar.xz, which
+#              scripts/gpu-check.sh build packs, else target/release/slam).
 # --quick:     fewer steps everywhere (a smoke test of the script itself).
 # PYTHON: the Python with torch (default python3).
 # For a dry run without a GPU: E2E_TORCH_ARGS (extra bench_step.py flags, e.g. a tiny network
 # and --device cpu) and E2E_CHECK_DEVICE (check_dump.py's device, default cuda).
 set -uo pipefail
-OUT=${1:?usage: bash pytorch/gpu-e2e.sh OUT [--slam PATH] [--quick]}
+DEST=${1:?usage: bash pytorch/gpu-e2e.sh OUT [--slam PATH] [--quick]}
 shift
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SLAM=""
@@ -34,10 +37,20 @@ while [[ $# -gt 0 ]]; do
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
-if [[ -z $SLAM ]]; then
-    for c in "$ROOT/.gpu/slam" "$ROOT/target/release/slam"; do
-        [[ -x $c ]] && { SLAM=$c; break; }
-    done
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+# Every part writes here; DEST gets the table and one archive at the end.
+OUT="$WORK/e2e"
+mkdir -p "$DEST"
+if [[ -z $SLAM && -f $ROOT/.gpu/bin.tar.xz ]]; then
+    # Python's tarfile where tar has no xz (the run bits are kept either way).
+    tar -C "$WORK" -xJf "$ROOT/.gpu/bin.tar.xz" bin/slam 2>/dev/null ||
+        "${PYTHON:-python3}" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extract("bin/slam", sys.argv[2])' \
+            "$ROOT/.gpu/bin.tar.xz" "$WORK"
+    [[ -x $WORK/bin/slam ]] && SLAM="$WORK/bin/slam"
+fi
+if [[ -z $SLAM && -x $ROOT/target/release/slam ]]; then
+    SLAM="$ROOT/target/release/slam"
 fi
 PY=${PYTHON:-python3}
 read -r -a TORCH_EXTRA <<<"${E2E_TORCH_ARGS:-}"
@@ -147,4 +160,6 @@ part golden-selftest 60 "$PY" "$TORCH/check_dump.py" "$ROOT"/tests/data/*.safete
     --json "$OUT/golden-selftest.check.json"
 
 "$PY" "$TORCH/e2e_table.py" "$OUT" | tee "$OUT/table.md"
-echo "total $(($(date +%s) - START)) s; logs and JSON in $OUT"
+cp "$OUT/table.md" "$DEST/table.md"
+tar -C "$WORK" --exclude='*.safetensors' -czf "$DEST/e2e-logs.tar.gz" e2e
+echo "total $(($(date +%s) - START)) s; the table and e2e-logs.tar.gz in $DEST"

@@ -1,13 +1,14 @@
 //! The embedded CUDA kernels: the table build.rs writes (every `kernels/*.cu`, its source and
-//! fatbin) and the launch constants the Rust side shares with the kernels. Needs no GPU; the
-//! ops themselves are held to their CPU twins by tests/cuda_ops.rs.
+//! fatbin), the launch constants the Rust side shares with the kernels, and the NVRTC path
+//! that compiles a kernel file without a fatbin. Needs no GPU; the ops themselves are held to
+//! their CPU twins by tests/cuda_ops.rs.
 
 use std::fs;
 use std::path::Path;
 
 use slam_ags::engine::cuda::{
-    AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, CONV_BLOCK, KERNEL_FILES, LINEAR_BLOCK, LOSS_BLOCK,
-    LOSS_COLS, NORM_BLOCK, NORM_CHUNK, POOL_BLOCK, kernel_file,
+    AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK, CONV_BLOCK, KERNEL_FILES, KernelFile, LINEAR_BLOCK,
+    LOSS_BLOCK, LOSS_COLS, NORM_BLOCK, NORM_CHUNK, POOL_BLOCK, compile_cubin, kernel_file,
 };
 
 /// The names of the `extern "C" __global__` functions declared in a kernel source.
@@ -99,5 +100,49 @@ fn block_sizes_match_the_kernels() {
             kernel_file(file).unwrap().source.contains(&line),
             "{file}.cu lacks {line:?}"
         );
+    }
+}
+
+/// Without a fatbin the engine compiles a kernel file with NVRTC, to a cubin for the device's
+/// own architecture (native code the driver loads as it is, where PTX from a newer NVRTC
+/// would be refused). Every kernel file, the engine's and dev/cuda's, compiles so for sm_80
+/// and sm_90; needs libnvrtc (CI puts the pinned one on LD_LIBRARY_PATH), no GPU.
+#[test]
+fn nvrtc_compiles_every_kernel_file_to_a_cubin() {
+    // SAFETY: only tries to load the library.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        // CI installs NVRTC with the pinned nvcc and sets SLAM_REQUIRE_NVCC: there a missing
+        // library is a broken setup, not a reason to skip.
+        assert!(
+            std::env::var_os("SLAM_REQUIRE_NVCC").is_none(),
+            "SLAM_REQUIRE_NVCC is set but libnvrtc cannot be loaded: put the folder of the \
+             pinned nvidia-cuda-nvrtc's libnvrtc.so.13 on LD_LIBRARY_PATH"
+        );
+        println!("skipped: libnvrtc cannot be loaded (put its folder on LD_LIBRARY_PATH)");
+        return;
+    }
+    let dev: &[KernelFile] = include!(concat!(env!("OUT_DIR"), "/dev_kernels.rs"));
+    for file in KERNEL_FILES.iter().chain(dev) {
+        for arch in [(8, 0), (9, 0)] {
+            let cubin = compile_cubin(file, arch)
+                .unwrap_or_else(|e| panic!("{}.cu for sm_{}{}: {e}", file.name, arch.0, arch.1));
+            assert_eq!(
+                &cubin[..4],
+                b"\x7fELF",
+                "{}.cu: not an ELF cubin",
+                file.name
+            );
+            for name in kernel_names(file.source) {
+                let found = cubin.windows(name.len()).any(|w| w == name.as_bytes());
+                assert!(found, "{}.cu's cubin lacks kernel {name}", file.name);
+            }
+            println!(
+                "{}.cu: sm_{}{} cubin of {} bytes",
+                file.name,
+                arch.0,
+                arch.1,
+                cubin.len()
+            );
+        }
     }
 }

@@ -1548,3 +1548,42 @@ fn network_eval_forward_matches_reference() {
         );
     }
 }
+
+/// Outputs an op writes whole come from `Backend::alloc`, whose contents are unspecified; the
+/// CPU engine fills them with NaN, so a pass that read one before writing it would leave NaN
+/// in its results. A training step and an evaluation pass are finite everywhere.
+#[test]
+fn every_output_is_written_before_it_is_read() {
+    assert!(ENG.alloc(3).unwrap().iter().all(|v| v.is_nan()));
+    let (net, state) = random_state(net(4, [2, 1, 1, 1], 8), 171);
+    let host = HostBatch::random(3, 3, 20, 172);
+    let mut trainer = Trainer::new(&ENG, &state).unwrap();
+    let mut combined = ENG.alloc(net.param_len()).unwrap();
+    let batch = StepBatch::upload(&ENG, &host).unwrap();
+    let report = trainer
+        .step(
+            &ENG,
+            &batch,
+            &StepConfig::default(),
+            0.01,
+            Some(&mut combined),
+        )
+        .unwrap();
+    assert!(report.loss_contrastive.is_finite() && report.loss_cohesion.is_finite());
+    let finite = |what: &str, v: &[f32]| {
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{what}: a value was never written"
+        );
+    };
+    finite("g1", &trainer.g1);
+    finite("g2", &trainer.g2);
+    finite("combined gradient", &combined);
+    finite("parameters", &trainer.params);
+    finite("running statistics", &trainer.running);
+    let acts = net
+        .forward_eval(&ENG, &trainer.params, &trainer.running, &batch.pos_i, 3, 20)
+        .unwrap();
+    finite("features", &acts.features);
+    finite("embeddings", &acts.z);
+}

@@ -344,7 +344,8 @@ fn main() -> Result<()> {
     );
     let eng = match CudaEngine::new(0) {
         Ok(eng) => eng,
-        Err(err) if err.is_no_gpu() => {
+        // The GPU check sets SLAM_REQUIRE_GPU: there a missing GPU is a failure, not a skip.
+        Err(err) if err.is_no_gpu() && std::env::var_os("SLAM_REQUIRE_GPU").is_none() => {
             println!("skipped: {err}");
             return Ok(());
         }

@@ -147,7 +147,7 @@ fn print_step_timing(t: &StepTiming, json: bool) -> Result<()> {
     );
     if let Some(rate) = t.matmul_rate {
         println!(
-            "matmul ceiling   {:>10.1} GFLOP/s measured ({} sgemm 8192^3): the step reaches {:.1} %",
+            "matmul ceiling   {:>10.1} GFLOP/s measured ({} sgemm 8192^3, random operands): the step reaches {:.1} %",
             rate / 1e9,
             t.precision,
             100.0 * t.flops_per_s / rate
@@ -160,7 +160,7 @@ fn print_step_timing(t: &StepTiming, json: bool) -> Result<()> {
         );
     }
     println!(
-        "AGS + SGD share  {:>10.2} % of the step",
+        "AGS + SGD share  {:>10.2} % of the step (device time: the trainer waits for each part)",
         100.0 * t.update_share
     );
     Ok(())

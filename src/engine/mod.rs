@@ -102,6 +102,12 @@ pub trait Backend: Sized + Sync {
         Ok(Memory::Host)
     }
 
+    /// Waits until every op queued so far has finished (a no-op where ops run as they are
+    /// called), so that host clocks measure the device's work rather than its queueing.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Restarts the count of [`Backend::peak_memory_bytes`].
     fn reset_peak_memory(&self) -> Result<()> {
         Ok(())
@@ -119,8 +125,12 @@ pub trait Backend: Sized + Sync {
         "f32"
     }
 
-    /// A zero-filled buffer of `len` values.
+    /// A zero-filled buffer of `len` values: for what ops accumulate into (`+=`).
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer of `len` values whose contents are unspecified: for an op's output that the
+    /// op writes whole (`=`), so that nothing is written twice. The CPU engine fills it with
+    /// NaN, so that a read before the write shows in its results (and in every test).
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, src: Self::View<'_>) -> Result<Vec<f32>>;
     fn buf_len(&self, buf: &Self::Buf) -> usize;

@@ -13,8 +13,9 @@
 //!     - `copied` (copy stream): the slot's device copy is complete. The compute stream waits
 //!       for it before the kernel reads the slot; the host waits for it before it gathers
 //!       into the slot's pinned buffer again (two steps later, long done in practice).
-//!     - `consumed` (compute stream): the last kernel reading the slot is done. The copy stream
-//!       waits for it before overwriting the slot.
+//!     - `consumed` (compute stream): the last kernel reading the slot is done (first recorded
+//!       right after the slot's allocation on the compute stream, so that the first copy also
+//!       waits for the allocation). The copy stream waits for it before overwriting the slot.
 //!
 //!   So staging step k+1 (host gather, then the asynchronous copy) runs while the GPU still
 //!   computes step k: call [`DeviceStore::stage`] for the next step before waiting for the
@@ -153,7 +154,7 @@ impl DeviceStore {
             let capacity = max_step_patches.min(store.len());
             let slot_bytes = capacity * size.bytes();
             let slot = || -> Result<Slot> {
-                Ok(Slot {
+                let slot = Slot {
                     // SAFETY: written by the gather before any copy reads it.
                     host: unsafe { ctx.alloc_pinned::<u8>(slot_bytes) }
                         .context("allocating pinned host memory for streaming")?,
@@ -163,7 +164,12 @@ impl DeviceStore {
                     consumed: ctx.new_event(None)?,
                     pending: None,
                     generation: 0,
-                })
+                };
+                // The device buffer comes from the compute stream's pool: the copy stream's
+                // first write must wait for that allocation, as every later one waits for the
+                // last kernel reading the slot. Recording `consumed` here orders both.
+                slot.consumed.record(gpu.stream())?;
+                Ok(slot)
             };
             let streamer = Streamer {
                 copy: ctx.new_stream()?,

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::data::PatchStore;
 use crate::data::input::augment::ViewJob;
+use crate::engine::Backend;
 use crate::engine::cuda::{CudaEngine, DevSlice};
 use crate::model::StepBatch;
 
@@ -46,14 +47,14 @@ impl ViewSource<CudaEngine> for DeviceViews {
         let groups: Vec<&[ViewJob]> = jobs.iter().map(Vec::as_slice).collect();
         let crop = augmenter.config.crop;
         let total = jobs.iter().map(Vec::len).sum::<usize>() * 3 * crop * crop;
-        let mut all = eng.zeros(total)?;
+        let mut all = eng.alloc(total)?;
         let ranges =
             self.store
                 .render_now(eng, store, &augmenter.config, &groups, all.dev_mut())?;
         let parts = ranges
             .into_iter()
             .map(|range| -> Result<_> {
-                let mut part = eng.zeros(range.len())?;
+                let mut part = eng.alloc(range.len())?;
                 eng.copy(all.dev().slice(range), part.dev_mut())?;
                 Ok(part)
             })

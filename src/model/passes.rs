@@ -73,7 +73,7 @@ fn project<E: Engine>(
     relu: bool,
 ) -> Result<E::Buf> {
     let s = linear_shape(layer, batch);
-    let mut y = eng.zeros(s.out_features * batch)?;
+    let mut y = eng.alloc(s.out_features * batch)?;
     let forward = LinearForward {
         x: eng.all(x),
         wb: eng.view(params, layer.weight_bias.clone()),
@@ -107,7 +107,7 @@ impl Network {
             stride: conv.stride,
             pad: conv.pad,
         };
-        let mut conv_out = eng.zeros(cs.out_len())?;
+        let mut conv_out = eng.alloc(cs.out_len())?;
         let weight = eng.view(params, conv.weight.clone());
         eng.conv2d_forward(&cs, eng.all(x), weight, eng.all_mut(&mut conv_out))?;
         let bs = BatchNorm {
@@ -116,8 +116,8 @@ impl Network {
             eps: BN_EPS,
             momentum: BN_MOMENTUM,
         };
-        let mut saved = eng.zeros(2 * bn.channels)?;
-        let mut out = eng.zeros(bs.len())?;
+        let mut saved = eng.alloc(2 * bn.channels)?;
+        let mut out = eng.alloc(bs.len())?;
         let affine = eng.view(params, bn.affine.clone());
         let residual = residual.map(|r| eng.all(r));
         let stats = match norm {
@@ -161,7 +161,7 @@ impl Network {
         mut dout: E::Buf,
         dx: Option<&mut E::Buf>,
     ) -> Result<E::Buf> {
-        let mut dconv = eng.zeros(acts.conv.out_len())?;
+        let mut dconv = eng.alloc(acts.conv.out_len())?;
         eng.batchnorm_backward(
             &acts.bn,
             BnBackward {
@@ -254,7 +254,7 @@ impl Network {
             stride: 2,
             pad: 1,
         };
-        let mut pooled = eng.zeros(pool.planes * pool.out_h() * pool.out_w())?;
+        let mut pooled = eng.alloc(pool.planes * pool.out_h() * pool.out_w())?;
         eng.maxpool_forward(&pool, eng.all(&stem.out), eng.all_mut(&mut pooled))?;
 
         let mut blocks: Vec<Block<E>> = Vec::with_capacity(self.blocks.len());
@@ -307,7 +307,7 @@ impl Network {
 
         let last = blocks.last().map_or(&pooled, |b| &b.second.out);
         let dim = self.config.feature_dim();
-        let mut features = eng.zeros(dim * batch)?;
+        let mut features = eng.alloc(dim * batch)?;
         let avg = AvgPool {
             planes: dim * batch,
             spatial: h * w,
@@ -367,7 +367,7 @@ impl Network {
         )?;
 
         let last = acts.blocks.last().map_or(&acts.pooled, |b| &b.second.out);
-        let mut dout = eng.zeros(eng.buf_len(last))?;
+        let mut dout = eng.alloc(eng.buf_len(last))?;
         let avg = AvgPool {
             planes: dim * batch,
             spatial: eng.buf_len(last) / (dim * batch),
@@ -425,7 +425,7 @@ impl Network {
             dout = dx;
         }
 
-        let mut dstem = eng.zeros(eng.buf_len(&acts.stem.out))?;
+        let mut dstem = eng.alloc(eng.buf_len(&acts.stem.out))?;
         eng.maxpool_backward(
             &acts.pool,
             eng.all(&acts.stem.out),

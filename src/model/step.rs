@@ -139,10 +139,11 @@ pub struct StepReport {
     /// L2-normalized embeddings of the first positive view: about 1/sqrt(dim) for spread-out
     /// embeddings, near zero when they collapse to one point.
     pub embedding_std: f32,
-    /// Host wall time of the four passes with both losses and backward passes.
+    /// Wall time of the four passes with both losses and backward passes (device time when
+    /// the trainer is [`Trainer::timed`], else up to their queueing on a device engine).
     #[serde(skip)]
     pub seconds_tasks: f64,
-    /// Host wall time of the surgery reduction and the fused update.
+    /// Wall time of the surgery reduction and the fused update (likewise).
     #[serde(skip)]
     pub seconds_update: f64,
 }
@@ -159,6 +160,9 @@ pub struct Trainer<E: Engine> {
     /// `dL_cohesion/dtheta`, from the negative passes.
     pub g2: E::Buf,
     pub batches_tracked: Vec<i64>,
+    /// Waits for the engine at the end of the task passes and of the update, so that the
+    /// step's two timings are the device's work (for benchmarks; a small stall per step).
+    pub timed: bool,
 }
 
 /// Which loss a pair of passes feeds.
@@ -181,6 +185,7 @@ impl<E: Engine> Trainer<E> {
             g1: eng.zeros(len)?,
             g2: eng.zeros(len)?,
             batches_tracked: state.batches_tracked.clone(),
+            timed: false,
             net,
         })
     }
@@ -218,8 +223,8 @@ impl<E: Engine> Trainer<E> {
             dim: net.config.out_dim,
             n: batch,
         };
-        let mut dz_i = eng.zeros(pair.dim * pair.n)?;
-        let mut dz_j = eng.zeros(pair.dim * pair.n)?;
+        let mut dz_i = eng.alloc(pair.dim * pair.n)?;
+        let mut dz_j = eng.alloc(pair.dim * pair.n)?;
         let views = LossViews {
             z_i: eng.all(&acts_i.z),
             z_j: eng.all(&acts_j.z),
@@ -266,6 +271,9 @@ impl<E: Engine> Trainer<E> {
             eng.fill_zero(eng.all_mut(&mut self.g2))?;
             0.0
         };
+        if self.timed {
+            eng.synchronize()?;
+        }
         let seconds_tasks = start.elapsed().as_secs_f64();
         let start = Instant::now();
         let dots: GradDots = eng.grad_dots(eng.all(&self.g1), eng.all(&self.g2))?;
@@ -283,6 +291,9 @@ impl<E: Engine> Trainer<E> {
             momentum: eng.all_mut(&mut self.momentum),
         };
         eng.sgd_step(&update, buffers)?;
+        if self.timed {
+            eng.synchronize()?;
+        }
         Ok(StepReport {
             loss_contrastive,
             loss_cohesion,

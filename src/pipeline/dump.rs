@@ -68,7 +68,7 @@ impl StepDump {
         cfg: &StepConfig,
     ) -> Result<Self> {
         let mut trainer = Trainer::new(eng, before)?;
-        let mut combined = eng.zeros(trainer.net.param_len())?;
+        let mut combined = eng.alloc(trainer.net.param_len())?;
         let report = trainer.step(
             eng,
             &StepBatch::upload(eng, batch)?,

@@ -37,6 +37,10 @@ impl Backend for CpuEngine {
         Ok(vec![0.0; len])
     }
 
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![f32::NAN; len])
+    }
+
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
         Ok(host.to_vec())
     }

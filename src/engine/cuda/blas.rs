@@ -88,19 +88,27 @@ fn dim(what: &str, v: usize) -> Result<i32> {
 
 impl CudaEngine {
     /// The device's matrix rate in the current [`MatmulMode`]: FLOP/s of a square 8192
-    /// product (the best of five, after two warm-up runs). The ceiling the training step's
-    /// FLOP/s is compared with.
+    /// product of two distinct random matrices (the best of five, after two warm-up runs;
+    /// constant operands would flatter the tensor cores, whose power draw depends on the
+    /// data). The ceiling the training step's FLOP/s is compared with.
     pub fn matmul_rate(&self) -> Result<f64> {
+        use rand::{Rng, SeedableRng};
         const SIDE: usize = 8192;
-        let a = self.upload(&vec![0.5f32; SIDE * SIDE])?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x6d61746d);
+        let mut random = || -> Vec<f32> {
+            (0..SIDE * SIDE)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect()
+        };
+        let (a, b) = (self.upload(&random())?, self.upload(&random())?);
         let mut c = self.zeros::<f32>(SIDE * SIDE)?;
-        let (pa, pc) = (*a.dev().ptr(), *c.dev_mut().ptr());
-        // SAFETY: a and c each hold one SIDE x SIDE matrix.
+        let (pa, pb, pc) = (*a.dev().ptr(), *b.dev().ptr(), *c.dev_mut().ptr());
+        // SAFETY: a, b and c each hold one SIDE x SIDE matrix.
         let run = || unsafe {
             self.gemm(
                 (SIDE, SIDE, SIDE),
                 Operand::n(pa, SIDE),
-                Operand::n(pa, SIDE),
+                Operand::n(pb, SIDE),
                 0.0,
                 pc,
                 SIDE,

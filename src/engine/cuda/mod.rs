@@ -38,7 +38,7 @@ pub use linear::LINEAR_BLOCK;
 pub use loss::{LOSS_BLOCK, LOSS_COLS, PairLoss};
 pub use norm::{NORM_BLOCK, NORM_CHUNK};
 pub use pool::POOL_BLOCK;
-pub use runtime::{CudaEngine, GpuError, KernelSource};
+pub use runtime::{CudaEngine, GpuError, KernelSource, compile_cubin};
 pub use update::{AGS_DOTS_BLOCK, AGS_UPDATE_BLOCK};
 pub use view::{DevSlice, DevView, DevViewMut};
 

@@ -10,7 +10,7 @@ use anyhow::Result;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
-use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
 use super::augment::AugmentKernels;
 use super::blas::MatmulMode;
@@ -293,8 +293,9 @@ impl CudaEngine {
         }
     }
 
-    /// An uninitialized device buffer for an op's intermediates, from the stream-ordered
-    /// pool (which keeps freed memory, so a step's buffers are reused by the next step).
+    /// An uninitialized device buffer for an op's intermediates or outputs, from the
+    /// stream-ordered pool (which keeps freed memory, so a step's buffers are reused by the
+    /// next step).
     pub(super) fn scratch_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
         // SAFETY: every caller writes the values before it reads them.
         Ok(unsafe { self.stream.alloc::<f32>(len) }?)
@@ -493,6 +494,13 @@ impl Backend for CudaEngine {
         CudaEngine::zeros(self, len)
     }
 
+    fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
+        if len == 0 {
+            return self.empty();
+        }
+        self.scratch_f32(len)
+    }
+
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
         CudaEngine::upload(self, host)
     }
@@ -521,6 +529,10 @@ impl Backend for CudaEngine {
 
     fn fill_zero(&self, dst: DevViewMut<'_>) -> Result<()> {
         CudaEngine::fill_zero(self, dst)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        CudaEngine::synchronize(self)
     }
 
     fn reset_peak_memory(&self) -> Result<()> {
@@ -576,36 +588,90 @@ fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<(), GpuError> {
 fn load_module(
     ctx: &Arc<CudaContext>,
     file: &'static KernelFile,
-    (major, minor): (i32, i32),
+    compute_capability: (i32, i32),
 ) -> Result<(Arc<CudaModule>, KernelSource), GpuError> {
-    let (ptx, source) = match file.fatbin {
-        Some(fatbin) => (Ptx::from_binary(fatbin.to_vec()), KernelSource::Fatbin),
-        None => {
-            // SAFETY: only tries to load the library (cudarc panics on a missing one).
-            if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-                return Err(GpuError::NoNvrtc { file: file.name });
-            }
-            let opts = CompileOptions {
-                options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-                ..Default::default()
-            };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(file.source, opts).map_err(|e| {
-                let log = match e {
-                    CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-                    other => other.to_string(),
-                };
-                GpuError::Compile {
-                    file: file.name,
-                    log,
-                }
-            })?;
-            (ptx, KernelSource::Nvrtc)
-        }
+    let (image, source) = match file.fatbin {
+        Some(fatbin) => (fatbin.to_vec(), KernelSource::Fatbin),
+        None => (
+            compile_cubin(file, compute_capability)?,
+            KernelSource::Nvrtc,
+        ),
     };
-    let module = ctx
-        .load_module(ptx)
-        .map_err(driver(format!("loading kernels/{}.cu", file.name)))?;
+    let module = ctx.load_module(Ptx::from_binary(image)).map_err(|source| {
+        let what = match source_versions() {
+            Some(versions) => format!("loading kernels/{}.cu ({versions})", file.name),
+            None => format!("loading kernels/{}.cu", file.name),
+        };
+        GpuError::Driver { what, source }
+    })?;
     Ok((module, source))
+}
+
+/// The NVRTC and driver versions, for messages about a module that would not load.
+fn source_versions() -> Option<String> {
+    let (mut major, mut minor, mut driver) = (0, 0, 0);
+    // SAFETY: each call writes plain integers; the libraries are loaded (checked first).
+    unsafe {
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            return None;
+        }
+        cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor)
+            .result()
+            .ok()?;
+        cudarc::driver::sys::cuDriverGetVersion(&mut driver)
+            .result()
+            .ok()?;
+    }
+    Some(format!(
+        "NVRTC {major}.{minor}, driver CUDA {}.{}",
+        driver / 1000,
+        (driver % 1000) / 10
+    ))
+}
+
+/// Compiles a kernel file with NVRTC to a cubin for `sm_{major}{minor}`: native code the
+/// driver loads as it is. (PTX for `compute_XY` would be JIT-compiled by the driver, which
+/// rejects PTX from an NVRTC newer than itself.) Needs no GPU.
+pub fn compile_cubin(file: &KernelFile, (major, minor): (i32, i32)) -> Result<Vec<u8>, GpuError> {
+    use cudarc::nvrtc::{result, sys};
+    // SAFETY: only tries to load the library (cudarc panics on a missing one).
+    if !unsafe { sys::is_culib_present() } {
+        return Err(GpuError::NoNvrtc { file: file.name });
+    }
+    let failed = |log: String| GpuError::Compile {
+        file: file.name,
+        log,
+    };
+    let src = std::ffi::CString::new(file.source).map_err(|e| failed(e.to_string()))?;
+    let prog = result::create_program(&src, None).map_err(|e| failed(e.to_string()))?;
+    let arch = format!("--gpu-architecture=sm_{major}{minor}");
+    // SAFETY: `prog` was created above and is destroyed once, below; `src` outlives it.
+    let cubin = unsafe {
+        let compiled = result::compile_program(prog, &[arch.as_str()]).map_err(|e| {
+            let log = result::get_program_log(prog)
+                .map(|log| {
+                    std::ffi::CStr::from_ptr(log.as_ptr())
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .unwrap_or_default();
+            failed(format!("{e} ({arch}): {log}"))
+        });
+        let cubin = compiled.and_then(|()| {
+            let mut size = 0usize;
+            sys::nvrtcGetCUBINSize(prog, &mut size)
+                .result()
+                .map_err(|e| failed(e.to_string()))?;
+            let mut cubin = vec![0u8; size];
+            sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                .result()
+                .map_err(|e| failed(e.to_string()))?;
+            Ok(cubin)
+        });
+        let _ = result::destroy_program(prog);
+        cubin
+    }?;
+    Ok(cubin)
 }
 
 #[cfg(test)]
