@@ -489,7 +489,7 @@ fn bad_slides_are_named_and_skipped() {
 }
 
 #[test]
-fn thumbnails_outline_the_kept_patches() {
+fn thumbnails_show_the_mask_and_outline_the_kept_patches() {
     let dir = tempfile::tempdir().unwrap();
     let slide = dir.path().join("normal_t.tif");
     write_slide(&slide, Chunks::Tiles(256, 256), false);
@@ -503,8 +503,11 @@ fn thumbnails_outline_the_kept_patches() {
     assert_eq!(image.dimensions(), (1024, 768));
     let green = image.pixels().filter(|p| p.0 == [0, 200, 0]).count();
     assert!(green > 1000, "{green} outline pixels");
-    // Outside the tissue the thumbnail shows the glass.
-    assert!(image.get_pixel(1000, 10).0[0] > 220);
+    // The mask: the glass is shaded dark blue, the tissue shown as it is.
+    let [r, g, b] = image.get_pixel(1000, 10).0;
+    assert!(r < 130 && g < 130 && b > r + 40, "glass {:?}", [r, g, b]);
+    let tissue = image.get_pixel(700 * 1024 / 3000, 500 * 1024 / 3000).0;
+    assert!(tissue[0] > 110 && tissue[2] > 140, "tissue {tissue:?}");
 }
 
 #[test]

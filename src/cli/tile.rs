@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use super::pack::print_skipped;
-use crate::data::build::tile::{TileOptions, TileProgress, TissueThresholds, tile_slides};
+use crate::data::build::tile::{TileOptions, TileProgress, TissueSettings, tile_slides};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
@@ -15,6 +15,7 @@ use crate::data::build::tile::{TileOptions, TileProgress, TissueThresholds, tile
   slam tile s1.tif s2.tif --out x.patches --labels slides.csv
   slam tile slides/ --out x.patches --level 1 --patch-size 224 --max-patches 2000 --seed 7
   slam tile slides/ --out x.patches --thumbnails thumbs/       check the tissue mask by eye
+  slam tile slides/ --out x.patches --mask fixed --min-saturation 0.05
 
 Each slide becomes one bag named by its file stem. Labels come from --labels (CSV with header
 `slide,label`, the slide's file stem or name, labels normal/abnormal, also negative/positive
@@ -23,9 +24,14 @@ from the file name (normal_*, abnormal_*).
 
 Patches are the whole squares of a grid from the top-left corner of the chosen level, kept
 when at least --min-tissue of them is tissue on a mask computed at low resolution (a lower
-pyramid level when there is one): a mask pixel is tissue when its HSV saturation is at least
---min-saturation and its brightness at most --max-brightness. Each patch's source is
-<slide file>@x,y, its top-left corner in level-0 pixels; instance labels are unknown.
+pyramid level when there is one). The mask (--mask adaptive, the default) finds a threshold
+per slide: Otsu's method on the median-smoothed HSV saturation, repeated on the lower class
+so that pale tissue is kept, on the brightness for greyscale slides; a slide showing no two
+classes (blank glass, or tissue throughout) gets the fixed thresholds, which --mask fixed
+applies to every slide: saturation at least --min-saturation and brightness at most
+--max-brightness. The slide table names each slide's rule; --thumbnails shows the mask, the
+background shaded blue. Each patch's source is <slide file>@x,y, its top-left corner in
+level-0 pixels; instance labels are unknown.
 
 Formats: TIFF (tiled or stripped, BigTIFF too; uncompressed, LZW, Deflate, PackBits or JPEG;
 8-bit RGB, RGBA, grey or YCbCr), read tile by tile, its reduced-resolution pages (IFD chain
@@ -51,12 +57,8 @@ pub struct TileArgs {
     /// Least share of a patch that must be tissue, 0..=1.
     #[arg(long, default_value_t = 0.5)]
     pub min_tissue: f64,
-    /// Least HSV saturation of a tissue pixel, 0..=1 (the white background has almost none).
-    #[arg(long, default_value_t = TissueThresholds::default().min_saturation)]
-    pub min_saturation: f32,
-    /// Most HSV brightness of a tissue pixel, 0..=1.
-    #[arg(long, default_value_t = TissueThresholds::default().max_brightness)]
-    pub max_brightness: f32,
+    #[command(flatten)]
+    pub tissue: TissueSettings,
     /// Keep at most this many patches per slide, drawn at random (see --seed).
     #[arg(long)]
     pub max_patches: Option<usize>,
@@ -78,10 +80,7 @@ pub fn run(args: &TileArgs) -> Result<()> {
     let options = TileOptions {
         patch_size: args.patch_size,
         level: args.level,
-        tissue: TissueThresholds {
-            min_saturation: args.min_saturation,
-            max_brightness: args.max_brightness,
-        },
+        tissue: args.tissue,
         min_tissue: args.min_tissue,
         max_patches: args.max_patches,
         seed: args.seed,
@@ -124,19 +123,20 @@ pub fn run(args: &TileArgs) -> Result<()> {
         .unwrap_or(0)
         .max(5);
     println!(
-        "  {:name_width$}  {:8}  {:>13}  {:>7}  {:>7}  {:>10}  {:>7}",
+        "  {:name_width$}  {:8}  {:>13}  {:>7}  {:>7}  {:>10}  {:>7}  mask",
         "slide", "label", "size", "grid", "kept", "background", "capped"
     );
     for r in &report.slides {
         println!(
-            "  {:name_width$}  {:8}  {:>13}  {:>7}  {:>7}  {:>10}  {:>7}",
+            "  {:name_width$}  {:8}  {:>13}  {:>7}  {:>7}  {:>10}  {:>7}  {}",
             r.name,
             r.label.to_string(),
             format!("{}x{}", r.size.0, r.size.1),
             r.grid,
             r.kept,
             r.background,
-            r.over_cap
+            r.over_cap,
+            r.mask_rule
         );
     }
     println!("  file     {}", HumanBytes(s.bytes));

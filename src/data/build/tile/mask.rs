@@ -1,7 +1,7 @@
 //! The mask pass and the plan of a slide: the overview of mean colours read chunk by chunk
 //! from a coarse level, the tissue mask and each patch's tissue fraction, the patches kept
 //! (at most `max_patches`, drawn per slide), the blocks they are read in, and the thumbnail
-//! with the kept patches outlined.
+//! with the background shaded and the kept patches outlined.
 
 use std::io;
 use std::ops::Range;
@@ -81,9 +81,7 @@ pub(super) fn plan_slide(index: usize, slide: &SlideFile, options: &TileOptions)
     } else {
         overview(&*source.open_level(mask_level)?, cell)?
     };
-    let tissue: Vec<bool> = (overview.pixels())
-        .map(|p| options.tissue.is_tissue(p.0))
-        .collect();
+    let (tissue, mask_rule) = options.tissue.mask(&overview);
     let mask = levels[mask_level];
     // Mask cells per tiling-level pixel.
     let per_pixel = (
@@ -138,7 +136,7 @@ pub(super) fn plan_slide(index: usize, slide: &SlideFile, options: &TileOptions)
     let thumbnail = match &options.thumbnails {
         Some(dir) => {
             let path = thumbnail_path(dir, slide);
-            let image = thumbnail(&overview, base, &kept, scale, side);
+            let image = thumbnail(&overview, &tissue, base, &kept, scale, side);
             let mut png = Vec::new();
             image
                 .write_to(&mut io::Cursor::new(&mut png), image::ImageFormat::Png)
@@ -162,6 +160,7 @@ pub(super) fn plan_slide(index: usize, slide: &SlideFile, options: &TileOptions)
             kept: kept.len(),
             mask_level,
             mask_cell: cell,
+            mask_rule,
         },
         file_name: (slide.path.file_name())
             .map_or_else(|| slide.name.clone(), |n| n.to_string_lossy().into_owned()),
@@ -225,9 +224,11 @@ fn tissue_fraction(
     covered / area
 }
 
-/// The overview scaled to fit [`THUMBNAIL_SIDE`], with each kept patch outlined.
+/// The overview scaled to fit [`THUMBNAIL_SIDE`], its background cells shaded, with each kept
+/// patch outlined.
 fn thumbnail(
     overview: &RgbImage,
+    tissue: &[bool],
     base: Dims,
     kept: &[(u64, u64)],
     scale: (f64, f64),
@@ -236,8 +237,12 @@ fn thumbnail(
     let s = (f64::from(THUMBNAIL_SIDE) / base.width.max(base.height) as f64).min(1.0);
     let size = |n: u64| ((n as f64 * s).round() as u32).max(1);
     let (width, height) = (size(base.width), size(base.height));
+    let mut shaded = overview.clone();
+    for (pixel, _) in shaded.pixels_mut().zip(tissue).filter(|(_, t)| !**t) {
+        pixel.0 = shade(pixel.0);
+    }
     let mut image = image::imageops::resize(
-        overview,
+        &shaded,
         width,
         height,
         image::imageops::FilterType::Triangle,
@@ -259,6 +264,11 @@ fn thumbnail(
         }
     }
     image
+}
+
+/// A background cell's colour in the thumbnail: half as bright, towards blue.
+fn shade([r, g, b]: [u8; 3]) -> [u8; 3] {
+    [r / 2, g / 2, b / 2 + 64]
 }
 
 /// The mean colours of `cell` x `cell` squares of a level (the last row and column of cells

@@ -8,23 +8,24 @@
 //!
 //! A slide is read in two passes. The mask pass reads the coarsest level that is still fine
 //! enough (at least [`MASK_CELLS_PER_PATCH`] cells per patch side) chunk by chunk into an
-//! overview of mean colours; pixels with enough saturation and not too bright are tissue. The
-//! patch pass then decodes only the chunks under the kept patches, in blocks of about
-//! [`UNIT_SIDE`] pixels, in parallel, and the store receives them in a fixed order.
+//! overview of mean colours, whose tissue `tissue` tells (by default with a threshold found
+//! per slide). The patch pass then decodes only the chunks under the kept patches, in blocks
+//! of about [`UNIT_SIDE`] pixels, in parallel, and the store receives them in a fixed order.
 //!
 //! Memory: one decoded chunk per worker (a TIFF chunk is at most [`MAX_CHUNK_BYTES`]), the
 //! patches of the blocks in flight (at most [`TileOptions::memory_budget`] bytes, or one
 //! block), and per slide the overview (about [`MAX_MASK_CELLS`] cells at most) and the list of
 //! kept corners. A level-0 image is never decoded whole, except PNG and JPEG slides.
 //!
-//! Here: the options, tissue thresholds, reports and the run ([`tile_slides`]). Around it:
-//! `discover` finds the slides and their labels ([`find_slides`]), `mask` is the mask pass
-//! and each slide's plan (the patches kept, the thumbnail), `write` the patch pass into the
-//! store, and `readers` the slide formats behind one interface of chunked levels.
+//! Here: the options, reports and the run ([`tile_slides`]). Around it: `discover` finds the
+//! slides and their labels ([`find_slides`]), `mask` is the mask pass and each slide's plan
+//! (the patches kept, the thumbnail), `tissue` the tissue mask, `write` the patch pass into
+//! the store, and `readers` the slide formats behind one interface of chunked levels.
 
 mod discover;
 mod mask;
 mod readers;
+mod tissue;
 mod write;
 
 use std::fs;
@@ -36,6 +37,7 @@ use rayon::prelude::*;
 
 pub use discover::{FoundSlides, OPENSLIDE_EXTENSIONS, SlideFile, find_slides};
 use mask::{Plan, plan_slide, thumbnail_path};
+pub use tissue::{MaskMethod, MaskRule, TissueSettings};
 use write::Run;
 
 use crate::data::build::pack::{SkippedImage, check_output};
@@ -57,36 +59,6 @@ pub const THUMBNAIL_SIDE: u32 = 1024;
 /// Default bound on the patch bytes in flight.
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
 
-/// Which mask pixels are tissue: stained cells are saturated, the glass background is white.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct TissueThresholds {
-    /// Least HSV saturation, (max - min) / max of R, G, B, in 0..=1.
-    pub min_saturation: f32,
-    /// Most HSV brightness, max(R, G, B) / 255, in 0..=1.
-    pub max_brightness: f32,
-}
-
-impl Default for TissueThresholds {
-    fn default() -> Self {
-        Self {
-            min_saturation: 0.07,
-            max_brightness: 0.92,
-        }
-    }
-}
-
-impl TissueThresholds {
-    pub fn is_tissue(&self, [r, g, b]: [u8; 3]) -> bool {
-        let (max, min) = (r.max(g).max(b), r.min(g).min(b));
-        let saturation = if max == 0 {
-            0.0
-        } else {
-            f32::from(max - min) / f32::from(max)
-        };
-        saturation >= self.min_saturation && f32::from(max) / 255.0 <= self.max_brightness
-    }
-}
-
 /// What `slam tile` does.
 #[derive(Clone, Debug)]
 pub struct TileOptions {
@@ -94,7 +66,7 @@ pub struct TileOptions {
     pub patch_size: usize,
     /// Pyramid level to tile (0 is full resolution).
     pub level: usize,
-    pub tissue: TissueThresholds,
+    pub tissue: TissueSettings,
     /// Least share of a patch the mask must call tissue, in 0..=1.
     pub min_tissue: f64,
     /// Keep at most this many patches per slide, drawn at random with `seed`.
@@ -103,7 +75,8 @@ pub struct TileOptions {
     /// CSV with header `slide,label` (the slide's file stem or name); `None` takes labels from
     /// the folders and file names.
     pub labels: Option<PathBuf>,
-    /// Folder for a PNG thumbnail per slide with the kept patches outlined.
+    /// Folder for a PNG thumbnail per slide: the mask (background shaded) and the kept patches
+    /// outlined.
     pub thumbnails: Option<PathBuf>,
     /// Skip unreadable slides (each is reported) instead of stopping.
     pub skip_bad: bool,
@@ -118,7 +91,7 @@ impl Default for TileOptions {
         Self {
             patch_size: 250,
             level: 0,
-            tissue: TissueThresholds::default(),
+            tissue: TissueSettings::default(),
             min_tissue: 0.5,
             max_patches: None,
             seed: 0,
@@ -183,6 +156,8 @@ pub struct SlideReport {
     /// The mask came from this level, a cell being `mask_cell` x `mask_cell` of its pixels.
     pub mask_level: usize,
     pub mask_cell: u64,
+    /// What told its tissue.
+    pub mask_rule: MaskRule,
 }
 
 /// What a tiling run wrote and met.
@@ -268,7 +243,7 @@ pub fn tile_slides(
     if run.bags == 0 {
         let read = run.reports.len();
         bail!(
-            "no slide gave a patch ({read} read, {} skipped): lower --min-tissue or --min-saturation, or look at the mask with --thumbnails",
+            "no slide gave a patch ({read} read, {} skipped): lower --min-tissue, or look at the mask with --thumbnails (--mask fixed with a lower --min-saturation overrides the adaptive mask)",
             run.skipped.len()
         );
     }
@@ -285,18 +260,4 @@ pub fn tile_slides(
         megapixels,
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tissue_thresholds() {
-        let t = TissueThresholds::default();
-        assert!(t.is_tissue([150, 80, 175]));
-        assert!(!t.is_tissue([240, 238, 242]), "white glass");
-        assert!(!t.is_tissue([20, 20, 20]), "black, unsaturated");
-        assert!(!t.is_tissue([250, 200, 250]), "saturated but too bright");
-    }
 }
