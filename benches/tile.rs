@@ -32,13 +32,7 @@ fn cytology(width: u32, height: u32) -> impl Fn(u32, u32) -> [u8; 3] + Sync {
 
 fn write_slide(path: &Path, side: u32, chunks: Chunks) {
     let pixel = cytology(side, side);
-    let page = Page {
-        width: side,
-        height: side,
-        chunks,
-        pixel: &pixel,
-        description: None,
-    };
+    let page = Page::new(side, side, chunks, &pixel);
     write_tiff(path, &[page], Layout::default()).unwrap();
 }
 

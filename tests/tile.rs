@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use common::{arg, assert_fails_with, assert_succeeds, in_pool, slam};
 use slam_ags::data::build::tile::{TileOptions, TileReport, tile_slides};
 use slam_ags::data::{BagLabel, PatchStore};
-use tiff_writer::{Chunks, Layout, Page, write_tiff};
+use tiff_writer::{
+    Chunks, Coding, Colour, Compression, Layout, Page, jpeg_reference, luma, write_tiff,
+};
 
 /// Patch side of most tests: 200 = 8 mask cells of 25 pixels, and not a multiple of the
 /// 256-pixel tiles, so patches straddle tiles.
@@ -72,43 +74,33 @@ fn level_pixel(n: u32) -> impl Fn(u32, u32) -> [u8; 3] + Sync {
     move |x, y| pixel(x << n, y << n)
 }
 
-fn page(
-    width: u32,
-    height: u32,
-    chunks: Chunks,
-    pixel: &(dyn Fn(u32, u32) -> [u8; 3] + Sync),
-) -> Page<'_> {
+/// The test slide as a page.
+fn slide_page(chunks: Chunks, coding: Coding) -> Page<'static> {
     Page {
-        width,
-        height,
-        chunks,
-        pixel,
-        description: None,
+        coding,
+        ..Page::new(WIDTH, HEIGHT, chunks, &pixel)
     }
 }
 
 /// The test slide as a single-page TIFF.
-fn write_slide(path: &Path, chunks: Chunks, big: bool) {
+fn write_slide(path: &Path, chunks: Chunks, coding: Coding, layout: Layout) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let layout = Layout {
-        big,
-        sub_ifds: false,
-    };
-    write_tiff(path, &[page(WIDTH, HEIGHT, chunks, &pixel)], layout).unwrap();
+    write_tiff(path, &[slide_page(chunks, coding)], layout).unwrap();
+}
+
+/// The test slide as a single-page uncompressed RGB TIFF.
+fn write_plain_slide(path: &Path, chunks: Chunks) {
+    write_slide(path, chunks, Coding::default(), Layout::default());
 }
 
 /// The test slide with levels 1 and 2 (half and quarter size).
-fn write_pyramid(path: &Path, sub_ifds: bool) {
+fn write_pyramid(path: &Path, layout: Layout) {
     let (l1, l2) = (level_pixel(1), level_pixel(2));
     let pages = [
-        page(WIDTH, HEIGHT, Chunks::Tiles(256, 256), &pixel),
-        page(WIDTH / 2, HEIGHT / 2, Chunks::Tiles(256, 256), &l1),
-        page(WIDTH / 4, HEIGHT / 4, Chunks::Tiles(128, 128), &l2),
+        Page::new(WIDTH, HEIGHT, Chunks::Tiles(256, 256), &pixel),
+        Page::new(WIDTH / 2, HEIGHT / 2, Chunks::Tiles(256, 256), &l1),
+        Page::new(WIDTH / 4, HEIGHT / 4, Chunks::Tiles(128, 128), &l2),
     ];
-    let layout = Layout {
-        big: false,
-        sub_ifds,
-    };
     write_tiff(path, &pages, layout).unwrap();
 }
 
@@ -159,7 +151,7 @@ fn expected_sources(file: &str) -> Vec<String> {
 fn tiled_tiff_tiles_into_the_expected_grid() {
     let dir = tempfile::tempdir().unwrap();
     let slide = dir.path().join("normal/slide_a.tif");
-    write_slide(&slide, Chunks::Tiles(256, 256), false);
+    write_plain_slide(&slide, Chunks::Tiles(256, 256));
     let out = dir.path().join("a.patches");
     let report = tile(&[&slide], &out, &sized(SIDE)).unwrap();
 
@@ -201,7 +193,7 @@ fn store_is_the_same_whatever_the_threads_and_memory_budget() {
         .map(|n| dir.path().join(n))
         .collect();
     for slide in &slides {
-        write_slide(slide, Chunks::Tiles(256, 128), false);
+        write_plain_slide(slide, Chunks::Tiles(256, 128));
     }
     let inputs: Vec<&Path> = slides.iter().map(|p| p.as_path()).collect();
     let mut stores = Vec::new();
@@ -218,17 +210,72 @@ fn store_is_the_same_whatever_the_threads_and_memory_budget() {
 }
 
 #[test]
-fn stripped_and_bigtiff_slides_give_the_same_patches() {
+fn stripped_bigtiff_big_endian_and_compressed_slides_give_the_same_patches() {
     let dir = tempfile::tempdir().unwrap();
     let mut results = Vec::new();
-    for (name, chunks, big) in [
-        ("tiled.tif", Chunks::Tiles(256, 256), false),
-        ("stripped.tif", Chunks::Strips(37), false),
-        ("big.tif", Chunks::Tiles(128, 64), true),
-        ("bigstrips.tif", Chunks::Strips(1), true),
+    let layout = |big, big_endian| Layout {
+        big,
+        big_endian,
+        sub_ifds: false,
+    };
+    let coded = |compression| Coding {
+        colour: Colour::Rgb,
+        compression,
+    };
+    let (raw, lzw, deflate) = (
+        coded(Compression::None),
+        coded(Compression::Lzw),
+        coded(Compression::Deflate),
+    );
+    for (name, chunks, coding, layout) in [
+        (
+            "tiled.tif",
+            Chunks::Tiles(256, 256),
+            raw,
+            layout(false, false),
+        ),
+        (
+            "stripped.tif",
+            Chunks::Strips(37),
+            raw,
+            layout(false, false),
+        ),
+        ("big.tif", Chunks::Tiles(128, 64), raw, layout(true, false)),
+        ("bigstrips.tif", Chunks::Strips(1), raw, layout(true, false)),
+        (
+            "motorola.tif",
+            Chunks::Tiles(256, 128),
+            raw,
+            layout(false, true),
+        ),
+        (
+            "bigmotorola.tif",
+            Chunks::Strips(16),
+            raw,
+            layout(true, true),
+        ),
+        (
+            "lzw.tif",
+            Chunks::Tiles(256, 256),
+            lzw,
+            layout(false, false),
+        ),
+        ("lzwstrips.tif", Chunks::Strips(40), lzw, layout(true, true)),
+        (
+            "deflate.tif",
+            Chunks::Tiles(128, 128),
+            deflate,
+            layout(false, true),
+        ),
+        (
+            "deflatestrips.tif",
+            Chunks::Strips(64),
+            deflate,
+            layout(true, false),
+        ),
     ] {
         let slide = dir.path().join("abnormal").join(name);
-        write_slide(&slide, chunks, big);
+        write_slide(&slide, chunks, coding, layout);
         let out = dir.path().join(format!("{name}.patches"));
         tile(&[&slide], &out, &sized(SIDE)).unwrap();
         let store = PatchStore::open(&out).unwrap();
@@ -244,20 +291,154 @@ fn stripped_and_bigtiff_slides_give_the_same_patches() {
     for (i, other) in results.iter().enumerate().skip(1) {
         assert!(
             *other == results[0],
-            "file {i} differs from the tiled classic TIFF"
+            "file {i} differs from the tiled uncompressed classic TIFF"
         );
     }
+}
+
+/// Tiles a slide at SIDE, checks that it keeps the expected patches and returns them by
+/// corner.
+fn tile_by_corner(slide: &Path, out: &Path) -> BTreeMap<(u32, u32), Vec<u8>> {
+    tile(&[slide], out, &sized(SIDE)).unwrap();
+    let got = patches(&PatchStore::open(out).unwrap());
+    let file = slide.file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        expected_sources(file)
+    );
+    got.into_iter().map(|(s, p)| (corner(&s), p)).collect()
+}
+
+/// The largest difference of two equally long byte strings, and their mean absolute
+/// difference.
+fn differences(a: &[u8], b: &[u8]) -> (u8, f64) {
+    assert_eq!(a.len(), b.len());
+    let diffs = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y));
+    let sum: f64 = diffs.clone().map(f64::from).sum();
+    (diffs.max().unwrap(), sum / a.len() as f64)
+}
+
+/// The test slide's colours as grey levels.
+fn grey_pixel(x: u32, y: u32) -> [u8; 3] {
+    [luma(pixel(x, y)); 3]
+}
+
+#[test]
+fn jpeg_tiles_decode_as_a_jpeg_decoder_decodes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let jpeg = |colour, shared_tables| Coding {
+        colour,
+        compression: Compression::Jpeg { shared_tables },
+    };
+    for (name, chunks, coding) in [
+        (
+            "inline.tif",
+            Chunks::Tiles(256, 256),
+            jpeg(Colour::Rgb, false),
+        ),
+        (
+            "shared.tif",
+            Chunks::Tiles(256, 128),
+            jpeg(Colour::YCbCr, true),
+        ),
+        ("strips.tif", Chunks::Strips(48), jpeg(Colour::Rgb, true)),
+        (
+            "grey.tif",
+            Chunks::Tiles(128, 128),
+            jpeg(Colour::Grey, false),
+        ),
+    ] {
+        let slide = dir.path().join("normal").join(name);
+        write_slide(&slide, chunks, coding, Layout::default());
+        let got = tile_by_corner(&slide, &dir.path().join(format!("{name}.patches")));
+        let reference = jpeg_reference(&slide_page(chunks, coding));
+        let original: &dyn Fn(u32, u32) -> [u8; 3] = match coding.colour {
+            Colour::Grey => &grey_pixel,
+            _ => &pixel,
+        };
+        for ((x, y), patch) in &got {
+            let decoded = region(&|px, py| reference.get_pixel(px, py).0, *x, *y, SIDE);
+            let (most, _) = differences(patch, &decoded);
+            // The YCbCr to RGB conversion rounds differently from the decoder's by a level.
+            let allowed = if coding.colour == Colour::Grey { 0 } else { 1 };
+            assert!(
+                most <= allowed,
+                "{name}@{x},{y}: {most} levels from the decoder's"
+            );
+            // JPEG at quality 90 loses some of the fine texture, not the colours.
+            let (_, mean) = differences(patch, &region(original, *x, *y, SIDE));
+            assert!(
+                mean < 10.0,
+                "{name}@{x},{y}: {mean} levels from the original"
+            );
+        }
+    }
+}
+
+#[test]
+fn ycbcr_and_grey_pages_read_as_rgb() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = |colour| Coding {
+        colour,
+        compression: Compression::None,
+    };
+    let ycbcr = dir.path().join("normal/ycbcr.tif");
+    write_slide(
+        &ycbcr,
+        Chunks::Tiles(256, 256),
+        raw(Colour::YCbCr),
+        Layout::default(),
+    );
+    for ((x, y), patch) in tile_by_corner(&ycbcr, &dir.path().join("y.patches")) {
+        // Rounded to YCbCr and back.
+        let (most, _) = differences(&patch, &region(&pixel, x, y, SIDE));
+        assert!(most <= 1, "ycbcr@{x},{y}: {most} levels from the original");
+    }
+    let grey = dir.path().join("normal/grey.tif");
+    write_slide(
+        &grey,
+        Chunks::Strips(40),
+        raw(Colour::Grey),
+        Layout::default(),
+    );
+    for ((x, y), patch) in tile_by_corner(&grey, &dir.path().join("g.patches")) {
+        assert!(patch == region(&grey_pixel, x, y, SIDE), "grey@{x},{y}");
+    }
+
+    // Uncompressed YCbCr with subsampled chroma is refused, naming the file and the reason.
+    let mut bytes = fs::read(&ycbcr).unwrap();
+    // YCbCrSubSampling: tag 530, SHORT, count 2, values 1, 1.
+    let entry = [0x12, 0x02, 3, 0, 2, 0, 0, 0, 1, 0, 1, 0];
+    let at = bytes.windows(12).position(|w| w == entry).unwrap();
+    bytes[at + 8..at + 12].copy_from_slice(&[2, 0, 2, 0]);
+    let subsampled = dir.path().join("normal/subsampled.tif");
+    fs::write(&subsampled, bytes).unwrap();
+    let err = tile(&[&subsampled], &dir.path().join("s.patches"), &sized(SIDE)).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("subsampled.tif") && err.contains("chroma subsampled [2, 2]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn pyramid_levels_from_the_chain_or_subifds() {
     let dir = tempfile::tempdir().unwrap();
     let mut stores = Vec::new();
-    for sub_ifds in [false, true] {
-        let slide = dir.path().join(format!("normal/pyramid_{sub_ifds}.tif"));
+    for (name, big, big_endian, sub_ifds) in [
+        ("chain", false, false, false),
+        ("subifds", false, false, true),
+        ("big_motorola_subifds", true, true, true),
+    ] {
+        let slide = dir.path().join(format!("normal/pyramid_{name}.tif"));
         fs::create_dir_all(slide.parent().unwrap()).unwrap();
-        write_pyramid(&slide, sub_ifds);
-        let out = dir.path().join(format!("{sub_ifds}.patches"));
+        let layout = Layout {
+            big,
+            big_endian,
+            sub_ifds,
+        };
+        write_pyramid(&slide, layout);
+        let out = dir.path().join(format!("{name}.patches"));
         let options = TileOptions {
             level: 1,
             ..sized(SIDE / 2)
@@ -282,9 +463,9 @@ fn pyramid_levels_from_the_chain_or_subifds() {
         }
         stores.push(got.into_values().collect::<Vec<_>>());
     }
-    assert!(stores[0] == stores[1]);
+    assert!(stores[0] == stores[1] && stores[0] == stores[2]);
 
-    let slide = dir.path().join("normal/pyramid_false.tif");
+    let slide = dir.path().join("normal/pyramid_chain.tif");
     let options = TileOptions {
         level: 3,
         ..sized(SIDE)
@@ -292,7 +473,7 @@ fn pyramid_levels_from_the_chain_or_subifds() {
     let err = tile(&[&slide], &dir.path().join("x.patches"), &options).unwrap_err();
     let err = format!("{err:#}");
     assert!(
-        err.contains("pyramid_false.tif") && err.contains("3 level"),
+        err.contains("pyramid_chain.tif") && err.contains("3 level"),
         "{err}"
     );
 }
@@ -301,7 +482,7 @@ fn pyramid_levels_from_the_chain_or_subifds() {
 fn the_cap_draws_by_seed() {
     let dir = tempfile::tempdir().unwrap();
     let slide = dir.path().join("abnormal_s.tif");
-    write_slide(&slide, Chunks::Tiles(256, 256), false);
+    write_plain_slide(&slide, Chunks::Tiles(256, 256));
     let mut draws = Vec::new();
     for (i, seed) in [1, 1, 2].into_iter().enumerate() {
         let out = dir.path().join(format!("{i}.patches"));
@@ -349,7 +530,7 @@ fn small_slide(path: &Path) {
             image::RgbImage::from_fn(400, 300, |x, y| image::Rgb(pixel(x, y))),
         );
     } else {
-        let pages = [page(400, 300, Chunks::Tiles(128, 128), &pixel)];
+        let pages = [Page::new(400, 300, Chunks::Tiles(128, 128), &pixel)];
         write_tiff(path, &pages, Layout::default()).unwrap();
     }
 }
@@ -424,7 +605,7 @@ fn labels_from_folders_names_and_csv() {
 
 /// Writes a slide, then cuts it to 60% of its length.
 fn truncated_slide(path: &Path) {
-    write_slide(path, Chunks::Tiles(256, 256), false);
+    write_plain_slide(path, Chunks::Tiles(256, 256));
     let bytes = fs::read(path).unwrap();
     fs::write(path, &bytes[..bytes.len() * 6 / 10]).unwrap();
 }
@@ -432,7 +613,7 @@ fn truncated_slide(path: &Path) {
 /// A pyramid whose level 0 claims Deflate compression over raw pixels: the slide opens and
 /// its mask (from level 1) is fine, but its tiles fail to decode while patches are read.
 fn undecodable_slide(path: &Path) {
-    write_pyramid(path, false);
+    write_pyramid(path, Layout::default());
     let mut bytes = fs::read(path).unwrap();
     // Page 0's Compression entry: tag 259, SHORT, count 1, value 1 (none).
     let entry = [3, 1, 3, 0, 1, 0, 0, 0, 1, 0, 0, 0];
@@ -492,7 +673,7 @@ fn bad_slides_are_named_and_skipped() {
 fn thumbnails_show_the_mask_and_outline_the_kept_patches() {
     let dir = tempfile::tempdir().unwrap();
     let slide = dir.path().join("normal_t.tif");
-    write_slide(&slide, Chunks::Tiles(256, 256), false);
+    write_plain_slide(&slide, Chunks::Tiles(256, 256));
     let thumbs = dir.path().join("thumbs");
     let options = TileOptions {
         thumbnails: Some(thumbs.clone()),
@@ -542,13 +723,13 @@ fn cli_refuses_an_existing_output_without_force() {
 fn openslide_reads_vendor_formats() {
     let dir = tempfile::tempdir().unwrap();
     let tiff = dir.path().join("normal/plain.tif");
-    write_slide(&tiff, Chunks::Tiles(256, 256), false);
+    write_plain_slide(&tiff, Chunks::Tiles(256, 256));
     let svs = dir.path().join("normal/scan.svs");
     let page = Page {
         description: Some(
             "Aperio Image Library v10.0.0\r\n3000x2250 [0,0 3000x2250] (256x256) RAW|AppMag = 20",
         ),
-        ..page(WIDTH, HEIGHT, Chunks::Tiles(256, 256), &pixel)
+        ..Page::new(WIDTH, HEIGHT, Chunks::Tiles(256, 256), &pixel)
     };
     write_tiff(&svs, &[page], Layout::default()).unwrap();
     let mut found = Vec::new();
@@ -608,7 +789,7 @@ fn cli_rejects_bad_values() {
 fn strips_too_large_to_read_at_once_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let slide = dir.path().join("normal_one_strip.tif");
-    let pages = [page(4800, 4800, Chunks::Strips(4800), &glass)];
+    let pages = [Page::new(4800, 4800, Chunks::Strips(4800), &glass)];
     write_tiff(&slide, &pages, Layout::default()).unwrap();
     let err = tile(&[&slide], &dir.path().join("s.patches"), &sized(SIDE)).unwrap_err();
     let err = format!("{err:#}");

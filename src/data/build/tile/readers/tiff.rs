@@ -9,7 +9,7 @@ use std::sync::{Mutex, PoisonError};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tiff::decoder::{Decoder, DecodingResult};
-use tiff::tags::Tag;
+use tiff::tags::{CompressionMethod, Tag};
 
 use super::{Dims, LevelReader, SlideSource};
 use crate::data::build::tile::MAX_CHUNK_BYTES;
@@ -246,11 +246,7 @@ impl TiffSlide {
             if index == 0 {
                 // Level 0 must be readable; later pages that are not are just not levels.
                 let page = page?;
-                let pixels = page.pixels.map_err(|color| {
-                    anyhow!(
-                        "its pixels are {color:?}; slides must be 8-bit RGB, RGBA, greyscale or YCbCr"
-                    )
-                })?;
+                let pixels = page.pixels.map_err(|why| anyhow!("{why}"))?;
                 ensure!(!page.planar, "planar TIFF pages are not supported");
                 ensure!(
                     page.dims.width > 0 && page.dims.height > 0,
@@ -314,7 +310,8 @@ impl TiffSlide {
 struct PageFacts {
     ifd: u64,
     dims: Dims,
-    pixels: std::result::Result<Pixels, tiff::ColorType>,
+    /// The pixels, or why they cannot be read.
+    pixels: std::result::Result<Pixels, String>,
     planar: bool,
     /// NewSubfileType says transparency mask.
     mask: bool,
@@ -335,13 +332,33 @@ fn describe_page(decoder: &mut TiffDecoder) -> Result<PageFacts> {
         .find_tag_unsigned::<u32>(Tag::NewSubfileType)
         .map_err(tiff_error)?
         .unwrap_or(0);
+    let mut pixels = Pixels::of(color).ok_or_else(|| {
+        format!("its pixels are {color:?}; slides must be 8-bit RGB, RGBA, greyscale or YCbCr")
+    });
+    if pixels == Ok(Pixels::YCbCr) {
+        // The decoder reads YCbCr samples one per pixel: subsampled chroma (the TIFF default,
+        // 2x2) is undone only by the JPEG decoder.
+        let jpeg = decoder
+            .find_tag_unsigned::<u16>(Tag::Compression)
+            .map_err(tiff_error)?
+            == Some(CompressionMethod::ModernJPEG.to_u16());
+        let subsampling = decoder
+            .find_tag_unsigned_vec::<u16>(Tag::ChromaSubsampling)
+            .map_err(tiff_error)?
+            .unwrap_or_else(|| vec![2, 2]);
+        if !jpeg && subsampling != [1, 1] {
+            pixels = Err(format!(
+                "its pixels are YCbCr with chroma subsampled {subsampling:?} and not JPEG-compressed, which is not supported; re-save the slide as RGB"
+            ));
+        }
+    }
     Ok(PageFacts {
         ifd,
         dims: Dims {
             width: u64::from(width),
             height: u64::from(height),
         },
-        pixels: Pixels::of(color).ok_or(color),
+        pixels,
         planar,
         mask: subfile & 4 != 0,
     })
