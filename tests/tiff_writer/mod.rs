@@ -158,7 +158,7 @@ impl<'a> Page<'a> {
         let mut out = Vec::new();
         match self.coding.compression {
             Compression::None => return samples,
-            Compression::Lzw => Lzw::default().write_to(&mut out, &samples).map(drop),
+            Compression::Lzw => Lzw.write_to(&mut out, &samples).map(drop),
             Compression::Deflate => Deflate::default().write_to(&mut out, &samples).map(drop),
             Compression::Jpeg { shared_tables } => {
                 let stream = jpeg(&samples, w, h, self.coding.colour);
