@@ -785,6 +785,41 @@ fn cli_rejects_bad_values() {
     }
 }
 
+/// Tiles sharing one Deflate stream: 40000 x 40000 pixels of glass (4.8 GB) from a file of
+/// some 200 KB, refused before anything is decoded; a slide sharing blank tiles within reason
+/// tiles.
+#[test]
+fn slides_claiming_far_more_pixels_than_their_file_holds_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = |side| Page {
+        coding: Coding {
+            colour: Colour::Rgb,
+            compression: Compression::Deflate,
+        },
+        shared_chunks: true,
+        ..Page::new(side, side, Chunks::Tiles(256, 256), &glass)
+    };
+    let slide = dir.path().join("normal_bomb.tif");
+    write_tiff(&slide, &[shared(40000)], Layout::default()).unwrap();
+    assert!(fs::metadata(&slide).unwrap().len() < 300_000);
+    let err = tile(&[&slide], &dir.path().join("b.patches"), &sized(SIDE)).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("normal_bomb.tif")
+            && err.contains("40000x40000 pixels")
+            && err.contains("corrupt"),
+        "{err}"
+    );
+    // 2000 x 2000 of glass in 49 tiles sharing a stream: a blank slide, read.
+    let blank = dir.path().join("normal_blank.tif");
+    write_tiff(&blank, &[shared(2000)], Layout::default()).unwrap();
+    let err = tile(&[&blank], &dir.path().join("g.patches"), &sized(SIDE)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no slide gave a patch"),
+        "{err:#}"
+    );
+}
+
 #[test]
 fn strips_too_large_to_read_at_once_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 //! subsampling) or grey pages, uncompressed or LZW, Deflate or JPEG (each chunk a JFIF stream,
 //! its tables inline or shared in JPEGTables), tiled or stripped, classic TIFF or BigTIFF,
 //! little- or big-endian, the pages after the first chained as reduced-resolution pages or
-//! hung under the first as SubIFDs. The IFDs come first, then the pixel data; uncompressed
+//! hung under the first as SubIFDs, each chunk's data stored or all pointing at one. The IFDs come first, then the pixel data; uncompressed
 //! chunks are generated one group at a time from a function (a large slide takes little
 //! memory), compressed ones are encoded first to know their sizes.
 #![allow(dead_code)]
@@ -64,6 +64,8 @@ pub struct Page<'a> {
     /// ImageDescription, where vendors (Aperio) mark their files.
     pub description: Option<&'a str>,
     pub coding: Coding,
+    /// Every chunk points at the first one's data (as writers store blank tiles once).
+    pub shared_chunks: bool,
 }
 
 /// JPEG quality of [`Compression::Jpeg`].
@@ -100,6 +102,7 @@ impl<'a> Page<'a> {
             pixel,
             description: None,
             coding: Coding::default(),
+            shared_chunks: false,
         }
     }
 
@@ -330,14 +333,18 @@ fn size_of_kind(kind: u16) -> usize {
 pub fn write_tiff(path: &Path, pages: &[Page], layout: Layout) -> std::io::Result<()> {
     let header_len = if layout.big { 16 } else { 8 };
     let chunks: Vec<Vec<(u32, u32, u32, u32)>> = pages.iter().map(|p| p.chunks()).collect();
+    // The chunks whose data is written: the first alone when shared.
+    let stored: Vec<&[(u32, u32, u32, u32)]> = (pages.iter().zip(&chunks))
+        .map(|(page, chunks)| &chunks[..if page.shared_chunks { 1 } else { chunks.len() }])
+        .collect();
     // Compressed chunks are encoded now, to know their sizes.
-    let encoded: Vec<Option<Vec<Vec<u8>>>> = (pages.iter().zip(&chunks))
+    let encoded: Vec<Option<Vec<Vec<u8>>>> = (pages.iter().zip(&stored))
         .map(|(page, chunks)| {
             (page.coding.compression != Compression::None)
                 .then(|| chunks.par_iter().map(|&c| page.chunk_bytes(c)).collect())
         })
         .collect();
-    let counts: Vec<Vec<u64>> = (pages.iter().zip(&chunks).zip(&encoded))
+    let sizes: Vec<Vec<u64>> = (pages.iter().zip(&stored).zip(&encoded))
         .map(|((page, chunks), encoded)| match encoded {
             Some(data) => data.iter().map(|d| d.len() as u64).collect(),
             None => (chunks.iter())
@@ -345,25 +352,31 @@ pub fn write_tiff(path: &Path, pages: &[Page], layout: Layout) -> std::io::Resul
                 .collect(),
         })
         .collect();
+    let counts: Vec<Vec<u64>> = (sizes.iter().zip(&chunks))
+        .map(|(sizes, chunks)| (0..chunks.len()).map(|i| sizes[i % sizes.len()]).collect())
+        .collect();
     // The IFD region's size does not depend on the offsets in it: measure it with zeros.
     let zeros: Vec<Vec<u64>> = chunks.iter().map(|c| vec![0; c.len()]).collect();
     let region = ifd_region(pages, &zeros, &counts, header_len, layout).len() as u64;
     let mut at = header_len + region;
-    let offsets: Vec<Vec<u64>> = (counts.iter())
-        .map(|sizes| {
-            (sizes.iter())
+    let offsets: Vec<Vec<u64>> = (sizes.iter().zip(&chunks))
+        .map(|(sizes, chunks)| {
+            let starts: Vec<u64> = (sizes.iter())
                 .map(|s| {
                     let o = at;
                     at += s;
                     o
                 })
+                .collect();
+            (0..chunks.len())
+                .map(|i| starts[i % starts.len()])
                 .collect()
         })
         .collect();
     let mut out = BufWriter::new(File::create(path)?);
     out.write_all(&layout.header(header_len))?;
     out.write_all(&ifd_region(pages, &offsets, &counts, header_len, layout))?;
-    for ((page, page_chunks), encoded) in pages.iter().zip(&chunks).zip(encoded) {
+    for ((page, page_chunks), encoded) in pages.iter().zip(stored).zip(encoded) {
         if let Some(data) = encoded {
             for bytes in data {
                 out.write_all(&bytes)?;

@@ -16,6 +16,10 @@ use crate::data::build::tile::MAX_CHUNK_BYTES;
 
 /// Pages of a TIFF examined for pyramid levels: bounds the walk over a broken file.
 const MAX_PAGES: usize = 64;
+/// Most decoded bytes of a level per byte of the file. Slides compress 10 to 100 times; a
+/// small file claiming a level far larger (its chunks sharing one well-compressed stream)
+/// would take hours to decode.
+const MAX_EXPANSION: u64 = 10_000;
 
 /// The 8-bit pixel layouts read from TIFF pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +144,10 @@ impl Read for PageReader {
             self.synced = false;
             return Ok(n);
         }
+        if self.pos >= self.len {
+            // Past the end (where a seek may even be refused).
+            return Ok(0);
+        }
         if !self.synced {
             self.file.seek(SeekFrom::Start(self.pos))?;
             self.synced = true;
@@ -172,6 +180,8 @@ struct TiffPage {
     ifd: u64,
     dims: Dims,
     pixels: Pixels,
+    /// JPEG-compressed.
+    jpeg: bool,
 }
 
 /// A TIFF file, from which decoders are opened at any page.
@@ -199,8 +209,8 @@ impl TiffFile {
             pos: 0,
             synced: true,
         };
-        // The decoder's default limits bound what it reads from the file (256 MiB of tag
-        // values, 128 MiB per compressed chunk); `open_level` bounds the decoded chunks.
+        // The decoder's default limits bound each buffer it takes for tag values or a chunk to
+        // 256 MiB (the default memory budget); `open_level` bounds the decoded chunks.
         Decoder::new(reader).map_err(tiff_error)
     }
 }
@@ -260,6 +270,7 @@ impl TiffSlide {
                     ifd: page.ifd,
                     dims: page.dims,
                     pixels,
+                    jpeg: page.jpeg,
                 });
             } else if let Ok(page) = page {
                 pages.push(page);
@@ -295,6 +306,7 @@ impl TiffSlide {
                     ifd: p.ifd,
                     dims: p.dims,
                     pixels: p.pixels.ok()?,
+                    jpeg: p.jpeg,
                 })
             })
             .collect();
@@ -312,6 +324,7 @@ struct PageFacts {
     dims: Dims,
     /// The pixels, or why they cannot be read.
     pixels: std::result::Result<Pixels, String>,
+    jpeg: bool,
     planar: bool,
     /// NewSubfileType says transparency mask.
     mask: bool,
@@ -332,16 +345,16 @@ fn describe_page(decoder: &mut TiffDecoder) -> Result<PageFacts> {
         .find_tag_unsigned::<u32>(Tag::NewSubfileType)
         .map_err(tiff_error)?
         .unwrap_or(0);
+    let jpeg = decoder
+        .find_tag_unsigned::<u16>(Tag::Compression)
+        .map_err(tiff_error)?
+        == Some(CompressionMethod::ModernJPEG.to_u16());
     let mut pixels = Pixels::of(color).ok_or_else(|| {
         format!("its pixels are {color:?}; slides must be 8-bit RGB, RGBA, greyscale or YCbCr")
     });
     if pixels == Ok(Pixels::YCbCr) {
         // The decoder reads YCbCr samples one per pixel: subsampled chroma (the TIFF default,
         // 2x2) is undone only by the JPEG decoder.
-        let jpeg = decoder
-            .find_tag_unsigned::<u16>(Tag::Compression)
-            .map_err(tiff_error)?
-            == Some(CompressionMethod::ModernJPEG.to_u16());
         let subsampling = decoder
             .find_tag_unsigned_vec::<u16>(Tag::ChromaSubsampling)
             .map_err(tiff_error)?
@@ -359,13 +372,25 @@ fn describe_page(decoder: &mut TiffDecoder) -> Result<PageFacts> {
             height: u64::from(height),
         },
         pixels,
+        jpeg,
         planar,
         mask: subfile & 4 != 0,
     })
 }
 
 fn tiff_error(err: tiff::TiffError) -> anyhow::Error {
-    anyhow!("it is not a readable TIFF: {err}")
+    anyhow!("it is not a readable TIFF: {}", reason(err))
+}
+
+/// What the decoder found wrong, in words: a read past the end of the file means that a
+/// structure or chunk says it lies where the file has no bytes.
+fn reason(err: tiff::TiffError) -> String {
+    match err {
+        tiff::TiffError::IoError(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            "it points past the end of the file (truncated or corrupt)".into()
+        }
+        other => other.to_string(),
+    }
 }
 
 impl SlideSource for TiffSlide {
@@ -377,15 +402,33 @@ impl SlideSource for TiffSlide {
         let page = self.levels[level];
         let mut decoder = self.file.decoder(Some(page.ifd))?;
         let strips = decoder.get_chunk_type() == tiff::decoder::ChunkType::Strip;
-        let (cw, ch) = decoder.chunk_dimensions();
+        let stored = decoder.chunk_dimensions();
+        let stored = (u64::from(stored.0), u64::from(stored.1));
         let dims = page.dims;
-        let (cw, ch) = (u64::from(cw), u64::from(ch).min(dims.height));
+        let (cw, ch) = (stored.0, stored.1.min(dims.height));
         ensure!(cw > 0 && ch > 0, "its chunk size is {cw}x{ch}");
         let what = if strips { "strip" } else { "tile" };
-        // Decoded chunks are clipped to the image (a tile may be wider than it).
-        let chunk_bytes = (cw.min(dims.width))
-            .saturating_mul(ch)
+        let level_bytes = (dims.width)
+            .saturating_mul(dims.height)
             .saturating_mul(page.pixels.samples() as u64);
+        ensure!(
+            level_bytes / MAX_EXPANSION <= self.file.len,
+            "level {level} claims {}x{} pixels, {level_bytes} bytes decoded, from a file of {} bytes: more than the {MAX_EXPANSION} to 1 this reader accepts, so the file is corrupt",
+            dims.width,
+            dims.height,
+            self.file.len
+        );
+        // Decoded chunks are clipped to the image (a tile may be wider than it), except JPEG
+        // ones, decoded whole first; the bound holds for the decoded samples and for their RGB
+        // conversion.
+        let decoded = if page.jpeg {
+            stored
+        } else {
+            (cw.min(dims.width), ch)
+        };
+        let chunk_bytes = (decoded.0)
+            .saturating_mul(decoded.1)
+            .saturating_mul(page.pixels.samples().max(3) as u64);
         ensure!(
             chunk_bytes <= MAX_CHUNK_BYTES as u64,
             "a {what} of level {level} is {cw}x{ch} pixels, more than the {} MiB read at once; re-save the slide tiled (e.g. `vips tiffsave in.tif out.tif --tile --pyramid`)",
@@ -409,13 +452,24 @@ impl SlideSource for TiffSlide {
                 self.file.len
             );
         }
+        let jpeg_streams = if page.jpeg {
+            offsets
+                .iter()
+                .copied()
+                .zip(counts.iter().copied())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let reader = TiffLevel {
             file: self.file.clone(),
             level,
             page,
             chunk: (cw, ch),
+            stored,
             across: dims.width.div_ceil(cw),
             what,
+            jpeg_streams,
             pool: Mutex::new(vec![decoder]),
         };
         ensure!(
@@ -434,8 +488,12 @@ struct TiffLevel {
     level: usize,
     page: TiffPage,
     chunk: (u64, u64),
+    /// A chunk's size as stored (a tile past the image's edge is whole).
+    stored: (u64, u64),
     across: u64,
     what: &'static str,
+    /// Where each chunk's JPEG stream lies (offset, length), for JPEG pages.
+    jpeg_streams: Vec<(u64, u64)>,
     pool: Mutex<Vec<TiffDecoder>>,
 }
 
@@ -466,7 +524,21 @@ impl LevelReader for TiffLevel {
             )
         };
         let index32 = u32::try_from(index).with_context(context)?;
-        let read = decoder.read_chunk(index32).map_err(|e| anyhow!("{e}"));
+        // The JPEG decoder allocates and decodes the whole frame its stream's header claims:
+        // check that it fits the chunk first.
+        if let Some(&(offset, length)) = self.jpeg_streams.get(index as usize) {
+            let frame = jpeg_frame_size(decoder.inner(), offset, length).with_context(context)?;
+            if let Some((w, h)) = frame {
+                let (sw, sh) = self.stored;
+                ensure!(
+                    w <= sw && h <= sh,
+                    "{}: its JPEG stream claims {w}x{h} pixels, more than the {what}'s {sw}x{sh}",
+                    context(),
+                    what = self.what
+                );
+            }
+        }
+        let read = decoder.read_chunk(index32).map_err(|e| anyhow!(reason(e)));
         let data = match read.with_context(context)? {
             DecodingResult::U8(data) => data,
             _ => bail!("{}: the samples are not 8-bit", context()),
@@ -486,5 +558,84 @@ impl LevelReader for TiffLevel {
         );
         self.page.pixels.to_rgb(data, out);
         Ok(())
+    }
+}
+
+/// The frame size (width, height) in the header of the JPEG stream of `length` bytes at
+/// `start`, read segment by segment; `None` when no frame header comes before the scan (the
+/// decoder then says what is wrong).
+fn jpeg_frame_size<R: Read + Seek>(
+    reader: &mut R,
+    start: u64,
+    length: u64,
+) -> io::Result<Option<(u64, u64)>> {
+    let end = start.saturating_add(length);
+    // Reads `buf` at `at` if it lies within the stream.
+    let mut read = |at: u64, buf: &mut [u8]| -> io::Result<bool> {
+        if at.saturating_add(buf.len() as u64) > end {
+            return Ok(false);
+        }
+        reader.seek(SeekFrom::Start(at))?;
+        reader.read_exact(buf)?;
+        Ok(true)
+    };
+    let mut marker = [0u8; 2];
+    if !read(start, &mut marker)? || marker != [0xFF, 0xD8] {
+        return Ok(None);
+    }
+    // Each step moves on by at least a byte, so the walk ends within the stream.
+    let mut at = start + 2;
+    loop {
+        if !read(at, &mut marker)? || marker[0] != 0xFF {
+            return Ok(None);
+        }
+        match marker[1] {
+            // Fill byte.
+            0xFF => at += 1,
+            // Start of frame (any coding; C4, C8 and CC are other markers): length, precision,
+            // height, width.
+            0xC0..=0xCF if !matches!(marker[1], 0xC4 | 0xC8 | 0xCC) => {
+                let mut frame = [0u8; 7];
+                if !read(at + 2, &mut frame)? {
+                    return Ok(None);
+                }
+                let height = u16::from_be_bytes([frame[3], frame[4]]);
+                let width = u16::from_be_bytes([frame[5], frame[6]]);
+                return Ok(Some((u64::from(width), u64::from(height))));
+            }
+            // Start of scan, end of image: no frame header.
+            0xDA | 0xD9 => return Ok(None),
+            // Markers without a segment.
+            0x01 | 0xD0..=0xD7 => at += 2,
+            _ => {
+                let mut len = [0u8; 2];
+                if !read(at + 2, &mut len)? {
+                    return Ok(None);
+                }
+                at += 2 + u64::from(u16::from_be_bytes(len));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jpeg_frame_size_skips_segments_to_the_frame_header() {
+        // SOI, a fill byte, APP0 (length 4), DQT (length 3), SOF0: 16 rows, 300 columns.
+        let stream = [
+            0xFF, 0xD8, 0xFF, 0xFF, 0xE0, 0, 4, 1, 2, 0xFF, 0xDB, 0, 3, 9, 0xFF, 0xC0, 0, 11, 8, 0,
+            16, 1, 44, 3,
+        ];
+        let mut file = io::Cursor::new([&[7u8; 5][..], &stream].concat());
+        let found = jpeg_frame_size(&mut file, 5, stream.len() as u64).unwrap();
+        assert_eq!(found, Some((300, 16)));
+        // Cut before the frame header ends, or a scan first: none.
+        assert_eq!(jpeg_frame_size(&mut file, 5, 20).unwrap(), None);
+        let scan = [0xFF, 0xD8, 0xFF, 0xDA, 0, 2];
+        let mut file = io::Cursor::new(scan);
+        assert_eq!(jpeg_frame_size(&mut file, 0, 6).unwrap(), None);
     }
 }
