@@ -644,13 +644,18 @@ proptest! {
 fn truncated_tiff_slides_fail_by_name() {
     let lengths: usize = tiff_samples().iter().map(|(_, b)| b.len()).sum();
     let step = lengths / long_run_cases().map_or(64, |n| n as usize).max(1);
+    let mut cases = 0;
     for (name, bytes) in tiff_samples() {
         for cut in (0..bytes.len()).step_by(step.max(1)) {
             for level in 0..3 {
                 tile_case("truncated", &bytes[..cut], level, false)
                     .unwrap_or_else(|e| panic!("{name} cut at {cut}: {e}"));
+                cases += 1;
             }
         }
+    }
+    if long_run_cases().is_some() {
+        eprintln!("truncated: {cases} cases ({lengths} bytes of samples)");
     }
 }
 
