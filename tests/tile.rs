@@ -218,61 +218,33 @@ fn stripped_bigtiff_big_endian_and_compressed_slides_give_the_same_patches() {
         big_endian,
         sub_ifds: false,
     };
+    let (ii, ii_big, mm, mm_big) = (
+        layout(false, false),
+        layout(true, false),
+        layout(false, true),
+        layout(true, true),
+    );
     let coded = |compression| Coding {
         colour: Colour::Rgb,
         compression,
     };
-    let (raw, lzw, deflate) = (
+    let (raw, lzw, zip) = (
         coded(Compression::None),
         coded(Compression::Lzw),
         coded(Compression::Deflate),
     );
+    let (t256, t128) = (Chunks::Tiles(256, 256), Chunks::Tiles(128, 128));
     for (name, chunks, coding, layout) in [
-        (
-            "tiled.tif",
-            Chunks::Tiles(256, 256),
-            raw,
-            layout(false, false),
-        ),
-        (
-            "stripped.tif",
-            Chunks::Strips(37),
-            raw,
-            layout(false, false),
-        ),
-        ("big.tif", Chunks::Tiles(128, 64), raw, layout(true, false)),
-        ("bigstrips.tif", Chunks::Strips(1), raw, layout(true, false)),
-        (
-            "motorola.tif",
-            Chunks::Tiles(256, 128),
-            raw,
-            layout(false, true),
-        ),
-        (
-            "bigmotorola.tif",
-            Chunks::Strips(16),
-            raw,
-            layout(true, true),
-        ),
-        (
-            "lzw.tif",
-            Chunks::Tiles(256, 256),
-            lzw,
-            layout(false, false),
-        ),
-        ("lzwstrips.tif", Chunks::Strips(40), lzw, layout(true, true)),
-        (
-            "deflate.tif",
-            Chunks::Tiles(128, 128),
-            deflate,
-            layout(false, true),
-        ),
-        (
-            "deflatestrips.tif",
-            Chunks::Strips(64),
-            deflate,
-            layout(true, false),
-        ),
+        ("tiled.tif", t256, raw, ii),
+        ("stripped.tif", Chunks::Strips(37), raw, ii),
+        ("big.tif", Chunks::Tiles(128, 64), raw, ii_big),
+        ("bigstrips.tif", Chunks::Strips(1), raw, ii_big),
+        ("motorola.tif", Chunks::Tiles(256, 128), raw, mm),
+        ("bigmotorola.tif", Chunks::Strips(16), raw, mm_big),
+        ("lzw.tif", t256, lzw, ii),
+        ("lzwstrips.tif", Chunks::Strips(40), lzw, mm_big),
+        ("deflate.tif", t128, zip, mm),
+        ("deflatestrips.tif", Chunks::Strips(64), zip, ii_big),
     ] {
         let slide = dir.path().join("abnormal").join(name);
         write_slide(&slide, chunks, coding, layout);

@@ -134,15 +134,12 @@ fn ihc() -> Recipe {
         name: "IHC-like crop, 512x512",
         size: (512, 512),
         coverage: 0.9,
-        glass: GLASS,
         dense: [0.25, 0.0, 0.9],
         loose: [0.08, 0.0, 0.0],
         dense_share: 0.65,
         nuclei: 3.0,
-        intensity: 1.0,
-        grey: false,
         dust: 0.0,
-        least_kept: 0.9,
+        ..HE
     }
 }
 

@@ -135,8 +135,20 @@ impl<'a> Page<'a> {
 
     /// A chunk's samples; tiles past the image's edge are padded with zeros, as TIFF stores
     /// them.
-    fn chunk_samples(&self, (x0, y0, w, h): (u32, u32, u32, u32)) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity((w * h * self.samples()) as usize);
+    fn chunk_samples(&self, chunk: (u32, u32, u32, u32)) -> Vec<u8> {
+        self.samples_as(chunk, self.coding.colour)
+    }
+
+    /// What the JPEG encoder takes for a chunk: grey levels, else RGB (it converts to YCbCr).
+    fn jpeg_input(&self, chunk: (u32, u32, u32, u32)) -> Vec<u8> {
+        match self.coding.colour {
+            Colour::Grey => self.samples_as(chunk, Colour::Grey),
+            Colour::Rgb | Colour::YCbCr => self.samples_as(chunk, Colour::Rgb),
+        }
+    }
+
+    fn samples_as(&self, (x0, y0, w, h): (u32, u32, u32, u32), colour: Colour) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity((w * h * 3) as usize);
         for y in y0..y0 + h {
             for x in x0..x0 + w {
                 let rgb = if x < self.width && y < self.height {
@@ -144,7 +156,7 @@ impl<'a> Page<'a> {
                 } else {
                     [0; 3]
                 };
-                match self.coding.colour {
+                match colour {
                     Colour::Rgb => bytes.extend(rgb),
                     Colour::YCbCr => bytes.extend(ycbcr(rgb)),
                     Colour::Grey => bytes.push(luma(rgb)),
@@ -156,15 +168,15 @@ impl<'a> Page<'a> {
 
     /// A chunk as stored: its samples, compressed.
     fn chunk_bytes(&self, chunk: (u32, u32, u32, u32)) -> Vec<u8> {
-        let (_, _, w, h) = chunk;
-        let samples = self.chunk_samples(chunk);
         let mut out = Vec::new();
         match self.coding.compression {
-            Compression::None => return samples,
-            Compression::Lzw => Lzw.write_to(&mut out, &samples).map(drop),
-            Compression::Deflate => Deflate::default().write_to(&mut out, &samples).map(drop),
+            Compression::None => return self.chunk_samples(chunk),
+            Compression::Lzw => Lzw.write_to(&mut out, &self.chunk_samples(chunk)).map(drop),
+            Compression::Deflate => (Deflate::default())
+                .write_to(&mut out, &self.chunk_samples(chunk))
+                .map(drop),
             Compression::Jpeg { shared_tables } => {
-                let stream = jpeg(&samples, w, h, self.coding.colour);
+                let stream = self.jpeg(chunk);
                 return if shared_tables {
                     split_jpeg(&stream).1
                 } else {
@@ -185,31 +197,21 @@ impl<'a> Page<'a> {
             return None;
         };
         // The encoder's tables depend only on the quality: any chunk gives them.
-        let stream = jpeg(
-            &vec![0; self.samples() as usize * 64],
-            8,
-            8,
-            self.coding.colour,
-        );
-        Some(split_jpeg(&stream).0)
+        Some(split_jpeg(&self.jpeg((0, 0, 8, 8))).0)
     }
-}
 
-/// A JFIF stream of `samples` (YCbCr or grey as `colour` says; YCbCr is converted back to
-/// RGB for the encoder, which converts it again).
-fn jpeg(samples: &[u8], width: u32, height: u32, colour: Colour) -> Vec<u8> {
-    let mut out = Vec::new();
-    let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY);
-    let (rgb, kind) = match colour {
-        Colour::Grey => (samples.to_vec(), image::ExtendedColorType::L8),
-        Colour::Rgb => (samples.to_vec(), image::ExtendedColorType::Rgb8),
-        Colour::YCbCr => (
-            samples.chunks_exact(3).flat_map(ycbcr_to_rgb).collect(),
-            image::ExtendedColorType::Rgb8,
-        ),
-    };
-    encoder.write_image(&rgb, width, height, kind).unwrap();
-    out
+    /// A chunk as a whole JFIF stream.
+    fn jpeg(&self, chunk: (u32, u32, u32, u32)) -> Vec<u8> {
+        let (_, _, width, height) = chunk;
+        let kind = match self.coding.colour {
+            Colour::Grey => image::ExtendedColorType::L8,
+            Colour::Rgb | Colour::YCbCr => image::ExtendedColorType::Rgb8,
+        };
+        let mut out = Vec::new();
+        let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY);
+        (encoder.write_image(&self.jpeg_input(chunk), width, height, kind)).unwrap();
+        out
+    }
 }
 
 /// A JPEG page's pixels as an ordinary JPEG decoder (the `image` crate's) gives them: each
@@ -217,9 +219,10 @@ fn jpeg(samples: &[u8], width: u32, height: u32, colour: Colour) -> Vec<u8> {
 pub fn jpeg_reference(page: &Page) -> image::RgbImage {
     let mut image = image::RgbImage::new(page.width, page.height);
     for chunk in page.chunks() {
-        let (x0, y0, w, h) = chunk;
-        let stream = jpeg(&page.chunk_samples(chunk), w, h, page.coding.colour);
-        let decoded = image::load_from_memory(&stream).unwrap().to_rgb8();
+        let (x0, y0, ..) = chunk;
+        let decoded = image::load_from_memory(&page.jpeg(chunk))
+            .unwrap()
+            .to_rgb8();
         for (x, y, p) in decoded.enumerate_pixels() {
             if x0 + x < page.width && y0 + y < page.height {
                 image.put_pixel(x0 + x, y0 + y, *p);
@@ -227,20 +230,6 @@ pub fn jpeg_reference(page: &Page) -> image::RgbImage {
         }
     }
     image
-}
-
-fn ycbcr_to_rgb(p: &[u8]) -> [u8; 3] {
-    let (y, cb, cr) = (
-        f32::from(p[0]),
-        f32::from(p[1]) - 128.0,
-        f32::from(p[2]) - 128.0,
-    );
-    [
-        y + 1.402 * cr,
-        y - 0.344_136 * cb - 0.714_136 * cr,
-        y + 1.772 * cb,
-    ]
-    .map(|v| v.round().clamp(0.0, 255.0) as u8)
 }
 
 /// A JPEG stream cut into its tables (SOI, the DQT and DHT segments, EOI) and the abbreviated

@@ -254,12 +254,18 @@ mod tests {
         );
     }
 
+    /// A histogram with these (level, count) pairs.
+    fn histogram(counts: &[(usize, u64)]) -> [u64; 256] {
+        let mut histogram = [0u64; 256];
+        for &(level, n) in counts {
+            histogram[level] = n;
+        }
+        histogram
+    }
+
     #[test]
     fn otsu_splits_two_clusters_between_them() {
-        let mut histogram = [0u64; 256];
-        histogram[10] = 50;
-        histogram[12] = 50;
-        histogram[100] = 30;
+        let histogram = histogram(&[(10, 50), (12, 50), (100, 30)]);
         let split = otsu(&histogram).unwrap();
         assert!((13..=100).contains(&split.level), "{split:?}");
         assert_eq!((split.low_mean, split.high_mean), (11.0, 100.0));
@@ -269,11 +275,7 @@ mod tests {
     #[test]
     fn the_split_descends_to_the_palest_class() {
         // Glass at 3, pale tissue at 20 (a small class), stain at 150 (the largest).
-        let mut histogram = [0u64; 256];
-        histogram[2] = 40;
-        histogram[4] = 40;
-        histogram[20] = 100;
-        histogram[150] = 600;
+        let histogram = histogram(&[(2, 40), (4, 40), (20, 100), (150, 600)]);
         let first = otsu(&histogram).unwrap().level;
         assert!(
             first > 20,
