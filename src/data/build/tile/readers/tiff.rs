@@ -1,6 +1,11 @@
 //! Plain TIFF and BigTIFF slides, tiled or stripped, read chunk by chunk with the `tiff`
 //! crate: the pyramid levels found in the IFD chain or the first page's SubIFDs, any page
 //! opened by pointing a rewritten header at it, 8-bit RGB, RGBA, greyscale or YCbCr pixels.
+//!
+//! Slides come from anywhere, so a level is checked before it is read: every chunk within
+//! the file, a chunk's decoded size within [`MAX_CHUNK_BYTES`], the level's within
+//! [`MAX_EXPANSION`] times the file's, and each JPEG chunk's frame within its chunk
+//! (`tests/fuzz.rs` corrupts slides of every layout read here).
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
