@@ -639,7 +639,7 @@ proptest! {
 }
 
 /// Every sample cut at every length (every n-th length in the bounded pass, `SLAM_FUZZ_CASES`
-/// lengths or more in a long run), at every level.
+/// lengths or more in a long run), at every level, with thumbnails and without.
 #[test]
 fn truncated_tiff_slides_fail_by_name() {
     let lengths: usize = tiff_samples().iter().map(|(_, b)| b.len()).sum();
@@ -647,8 +647,8 @@ fn truncated_tiff_slides_fail_by_name() {
     let mut cases = 0;
     for (name, bytes) in tiff_samples() {
         for cut in (0..bytes.len()).step_by(step.max(1)) {
-            for level in 0..3 {
-                tile_case("truncated", &bytes[..cut], level, false)
+            for (level, thumbnails) in (0..3).flat_map(|l| [(l, false), (l, true)]) {
+                tile_case("truncated", &bytes[..cut], level, thumbnails)
                     .unwrap_or_else(|e| panic!("{name} cut at {cut}: {e}"));
                 cases += 1;
             }

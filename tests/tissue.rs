@@ -54,6 +54,8 @@ struct Recipe {
     dust: f32,
     /// Least share of the true tissue patches of each slide the adaptive mask must keep.
     least_kept: f64,
+    /// Least mean share of the background patches the adaptive mask must reject.
+    least_rejected: f64,
 }
 
 const GLASS: [f32; 3] = [240.0, 240.0, 242.0];
@@ -71,6 +73,7 @@ const HE: Recipe = Recipe {
     grey: false,
     dust: 20.0,
     least_kept: 0.9,
+    least_rejected: 0.9,
 };
 
 fn recipes() -> Vec<Recipe> {
@@ -139,6 +142,9 @@ fn ihc() -> Recipe {
         dense_share: 0.65,
         nuclei: 3.0,
         dust: 0.0,
+        // Its background is about 6 patches at the edge of the tissue, each up to half
+        // tissue; grey tissue darker than the glass (docs/TISSUE.md) keeps about one of them.
+        least_rejected: 0.8,
         ..HE
     }
 }
@@ -454,7 +460,7 @@ fn adaptive_mask_keeps_tissue_and_rejects_glass_on_every_kind() {
             recipe.name
         );
         assert!(
-            rejected.mean >= 0.9,
+            rejected.mean >= recipe.least_rejected,
             "{}: the adaptive mask rejected {rejected} of the background",
             recipe.name
         );
@@ -481,6 +487,39 @@ fn ihc_like_crop_keeps_nine_tenths_of_its_tissue_patches() {
             );
         }
     }
+}
+
+/// The case of the issue on the real image: a 512x512 brightfield IHC crop of colonic glands
+/// (`tests/data/ihc_crop.png`, brown DAB epithelium, nearly grey stroma with blue nuclei, a
+/// cream lumen). Its tissue patches are all but the three of the lumen at the lower left
+/// (more than half empty), judged by eye.
+#[test]
+fn real_ihc_crop_keeps_nine_tenths_of_its_tissue_patches() {
+    let dir = tempfile::tempdir().unwrap();
+    let slide = dir.path().join("normal_ihc_crop.png");
+    fs::copy(Path::new("tests/data/ihc_crop.png"), &slide).unwrap();
+    let lumen: BTreeSet<(u32, u32)> = [(0, 320), (0, 384), (0, 448)].into();
+    let grid = (0..8).flat_map(|y| (0..8).map(move |x| (x * PATCH, y * PATCH)));
+    let truth: BTreeSet<(u32, u32)> = grid.filter(|c| !lumen.contains(c)).collect();
+    let mut kept_by = Vec::new();
+    for method in [MaskMethod::Adaptive, MaskMethod::Fixed] {
+        let (kept, rule) = kept(std::slice::from_ref(&slide), &mask(method)).remove(0);
+        let hits = truth.intersection(&kept).count();
+        let in_lumen = lumen.intersection(&kept).count();
+        println!(
+            "{method:?} ({rule}): {hits} of {} tissue patches, {in_lumen} of 3 lumen patches",
+            truth.len()
+        );
+        kept_by.push(hits);
+    }
+    assert!(
+        kept_by[0] * 10 >= truth.len() * 9,
+        "the adaptive mask kept {} of {} tissue patches",
+        kept_by[0],
+        truth.len()
+    );
+    // The fixed thresholds lose the grey stroma (the issue saw 43 of 64 patches kept).
+    assert!(kept_by[1] * 10 < truth.len() * 8, "{kept_by:?}");
 }
 
 #[test]

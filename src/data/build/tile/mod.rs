@@ -117,16 +117,7 @@ impl TileOptions {
             "--min-tissue {} is outside 0..=1",
             self.min_tissue
         );
-        ensure!(
-            (0.0..=1.0).contains(&self.tissue.min_saturation),
-            "--min-saturation {} is outside 0..=1",
-            self.tissue.min_saturation
-        );
-        ensure!(
-            (0.0..=1.0).contains(&self.tissue.max_brightness),
-            "--max-brightness {} is outside 0..=1",
-            self.tissue.max_brightness
-        );
+        self.tissue.validate()?;
         ensure!(
             self.max_patches != Some(0),
             "--max-patches must be at least 1"

@@ -7,12 +7,16 @@
 //! variance, which on a slide with strongly stained cells, pale stroma and glass is the split
 //! between the stain and the rest; so the split is repeated on the lower class while that
 //! still holds two classes with distinct means, and the last level found is the boundary
-//! between the glass and the palest tissue. A slide whose scores show no two classes (blank
-//! glass, or tissue throughout) falls back to the fixed thresholds, which `--mask fixed`
-//! applies to every slide.
+//! between the glass and the palest tissue. Tissue can also be nearly grey (stroma counterstained
+//! so faintly that its mean colour has no more saturation than glass) and is then only darker
+//! than the glass: so the cells below the saturation level are split once more, by Otsu on
+//! their darkness, and the darker class is tissue too when it stands apart. A slide whose
+//! saturations show no two classes (blank glass, or tissue throughout) falls back to the fixed
+//! thresholds, which `--mask fixed` applies to every slide.
 
 use std::fmt;
 
+use anyhow::{Result, ensure};
 use image::RgbImage;
 use rayon::prelude::*;
 
@@ -63,14 +67,23 @@ const MEDIAN_RADIUS: usize = 2;
 /// glass (uneven illumination). Chosen on generated slides (docs/TISSUE.md).
 const MIN_CONTRAST_SATURATION: f64 = 6.0;
 const MIN_CONTRAST_DARKNESS: f64 = 20.0;
+/// Least difference of the mean darkness (levels of 255) of grey tissue and glass among the
+/// cells below the saturation level: 10 levels (0.04). On a real IHC crop its grey stroma and
+/// its empty lumen stand 12 levels apart; the glass of the generated slides (tint drifting,
+/// corners darker) splits into classes at most 5 levels apart (docs/TISSUE.md).
+const MIN_CONTRAST_GREY_TISSUE: f64 = 10.0;
 /// Most mean saturation (levels of 255, 0.1) of a class taken for glass.
 const GLASS_MAX_SATURATION: f64 = 26.0;
 
 /// The rule a slide's mask applied.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum MaskRule {
-    /// Smoothed saturation at least this (an adaptive threshold).
-    Saturation(f32),
+    /// Smoothed saturation at least `saturation`, or smoothed brightness at most `brightness`
+    /// where the cells below that saturation hold grey tissue (adaptive thresholds).
+    Saturation {
+        saturation: f32,
+        brightness: Option<f32>,
+    },
     /// Smoothed brightness at most this (an adaptive threshold on a greyscale slide).
     Brightness(f32),
     /// The fixed thresholds; `fallback`: the adaptive mask found no two classes.
@@ -80,7 +93,16 @@ pub enum MaskRule {
 impl fmt::Display for MaskRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MaskRule::Saturation(t) => write!(f, "saturation >= {t:.3}"),
+            MaskRule::Saturation {
+                saturation,
+                brightness,
+            } => {
+                write!(f, "saturation >= {saturation:.3}")?;
+                match brightness {
+                    Some(b) => write!(f, " or brightness <= {b:.3}"),
+                    None => Ok(()),
+                }
+            }
             MaskRule::Brightness(t) => write!(f, "brightness <= {t:.3}"),
             MaskRule::Fixed { fallback: false } => write!(f, "fixed"),
             MaskRule::Fixed { fallback: true } => write!(f, "fixed (one class)"),
@@ -89,6 +111,21 @@ impl fmt::Display for MaskRule {
 }
 
 impl TissueSettings {
+    /// Refuses thresholds outside 0..=1, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (0.0..=1.0).contains(&self.min_saturation),
+            "--min-saturation {} is outside 0..=1",
+            self.min_saturation
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.max_brightness),
+            "--max-brightness {} is outside 0..=1",
+            self.max_brightness
+        );
+        Ok(())
+    }
+
     /// The fixed thresholds' verdict on one colour.
     pub fn is_tissue_fixed(&self, [r, g, b]: [u8; 3]) -> bool {
         let (max, min) = (r.max(g).max(b), r.min(g).min(b));
@@ -140,24 +177,47 @@ fn adaptive_mask(overview: &RgbImage) -> Option<(Vec<bool>, MaskRule)> {
         (saturations, MIN_CONTRAST_SATURATION)
     };
     let smooth = median_filter(&scores, width, height, MEDIAN_RADIUS);
-    let mut histogram = [0u64; 256];
-    for &s in &smooth {
-        histogram[usize::from(s)] += 1;
-    }
-    let split = lowest_split(&histogram, min_contrast)?;
+    let split = lowest_split(&histogram(smooth.iter()), min_contrast)?;
     // Glass is nearly colourless: a coloured lowest class means a slide without glass (a crop
     // inside the tissue), whose paler tissue the split would drop.
     if !grey && split.low_mean >= GLASS_MAX_SATURATION {
         return None;
     }
     let level = split.level;
-    let tissue = smooth.iter().map(|&s| usize::from(s) >= level).collect();
-    let rule = if grey {
-        MaskRule::Brightness((255 - level) as f32 / 255.0)
-    } else {
-        MaskRule::Saturation(level as f32 / 255.0)
+    let mut tissue: Vec<bool> = smooth.iter().map(|&s| usize::from(s) >= level).collect();
+    if grey {
+        return Some((tissue, MaskRule::Brightness(brightness(level))));
+    }
+    // Grey tissue among the cells below the saturation level: darker than the glass there.
+    let darkness: Vec<u8> = overview.pixels().map(|p| darkness(p.0)).collect();
+    let dark = median_filter(&darkness, width, height, MEDIAN_RADIUS);
+    let unsaturated = (dark.iter().zip(&tissue)).filter_map(|(d, &t)| (!t).then_some(d));
+    let grey_tissue = otsu(&histogram(unsaturated))
+        .filter(|split| split.high_mean - split.low_mean >= MIN_CONTRAST_GREY_TISSUE);
+    if let Some(split) = grey_tissue {
+        for (t, &d) in tissue.iter_mut().zip(&dark) {
+            *t |= usize::from(d) >= split.level;
+        }
+    }
+    let rule = MaskRule::Saturation {
+        saturation: level as f32 / 255.0,
+        brightness: grey_tissue.map(|split| brightness(split.level)),
     };
     Some((tissue, rule))
+}
+
+/// The histogram of some levels of 255.
+fn histogram<'a>(levels: impl Iterator<Item = &'a u8>) -> [u64; 256] {
+    let mut histogram = [0u64; 256];
+    for &level in levels {
+        histogram[usize::from(level)] += 1;
+    }
+    histogram
+}
+
+/// The brightness (0..1) below a level of darkness.
+fn brightness(darkness_level: usize) -> f32 {
+    (255 - darkness_level) as f32 / 255.0
 }
 
 /// The median of each cell's (2 `radius` + 1)-square window, clipped at the edges.
@@ -255,7 +315,7 @@ mod tests {
     }
 
     /// A histogram with these (level, count) pairs.
-    fn histogram(counts: &[(usize, u64)]) -> [u64; 256] {
+    fn counts_at(counts: &[(usize, u64)]) -> [u64; 256] {
         let mut histogram = [0u64; 256];
         for &(level, n) in counts {
             histogram[level] = n;
@@ -265,7 +325,7 @@ mod tests {
 
     #[test]
     fn otsu_splits_two_clusters_between_them() {
-        let histogram = histogram(&[(10, 50), (12, 50), (100, 30)]);
+        let histogram = counts_at(&[(10, 50), (12, 50), (100, 30)]);
         let split = otsu(&histogram).unwrap();
         assert!((13..=100).contains(&split.level), "{split:?}");
         assert_eq!((split.low_mean, split.high_mean), (11.0, 100.0));
@@ -275,7 +335,7 @@ mod tests {
     #[test]
     fn the_split_descends_to_the_palest_class() {
         // Glass at 3, pale tissue at 20 (a small class), stain at 150 (the largest).
-        let histogram = histogram(&[(2, 40), (4, 40), (20, 100), (150, 600)]);
+        let histogram = counts_at(&[(2, 40), (4, 40), (20, 100), (150, 600)]);
         let first = otsu(&histogram).unwrap().level;
         assert!(
             first > 20,
@@ -318,6 +378,33 @@ mod tests {
             ..TissueSettings::default()
         };
         assert!(fixed.mask(&image).0.iter().all(|&t| !t));
+    }
+
+    #[test]
+    fn grey_tissue_darker_than_the_glass_is_kept() {
+        // Brown stain on the left third, grey stroma (brightness 215/255, saturation 0.01) in
+        // the middle, glass (238, 236, 233: saturation 0.02) on the right.
+        let image = RgbImage::from_fn(60, 20, |x, y| {
+            let n = ((x * 7 + y * 13) % 3) as u8;
+            image::Rgb(match x / 20 {
+                0 => [160 + n, 120, 90],
+                1 => [213 + n, 213, 215],
+                _ => [238 - n, 236, 233],
+            })
+        });
+        let (tissue, rule) = TissueSettings::default().mask(&image);
+        let MaskRule::Saturation {
+            brightness: Some(brightness),
+            ..
+        } = rule
+        else {
+            panic!("no brightness level: {rule}");
+        };
+        assert!(
+            brightness > 215.0 / 255.0 && brightness < 236.0 / 255.0,
+            "{rule}"
+        );
+        assert!((0..60 * 20).all(|i| tissue[i] == (i % 60 < 40)));
     }
 
     #[test]
