@@ -17,6 +17,8 @@
 //!   checkpoints and exact resume.
 //! - [`embed`]: a trained model over every patch of a store, and the embeddings file.
 //! - [`mil`]: downstream gated-attention multiple-instance learning and its metrics.
+//! - [`eval`]: instance-level evaluation of embeddings (linear probe, anomaly scores,
+//!   retrieval, spread), no MIL head needed.
 //! - [`pipeline`]: the programs the command line runs (the demo, the step dump, the
 //!   benchmarks), as library functions.
 //! - [`memory`]: the memory a command may plan for, checked before work starts.
@@ -30,6 +32,7 @@ pub mod cli;
 pub mod data;
 pub mod embed;
 pub mod engine;
+pub mod eval;
 pub mod feed;
 pub(crate) mod matmul;
 pub mod memory;
