@@ -466,6 +466,8 @@ fn tile_case(
                 text.contains("normal_slide.tif") || text.starts_with("no slide gave a patch"),
                 "the error does not name the file: {text}"
             );
+            // The reason in a sentence or two, not a corrupt field's values quoted whole.
+            prop_assert!(text.len() <= 1000, "a refusal of {} bytes", text.len());
             if long_run_cases().is_some() {
                 note_refusal(target, &text);
             }

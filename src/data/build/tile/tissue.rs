@@ -23,8 +23,9 @@ use rayon::prelude::*;
 /// How mask cells are told tissue.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MaskMethod {
-    /// A threshold per slide: Otsu's method on the median-smoothed saturation (on the
-    /// brightness for greyscale slides).
+    /// A threshold per slide: Otsu's method on the median-smoothed saturation, then on the
+    /// darkness of the unsaturated cells for nearly grey tissue (on the brightness alone for
+    /// greyscale slides).
     #[default]
     Adaptive,
     /// --min-saturation and --max-brightness for every slide.

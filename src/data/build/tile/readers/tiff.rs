@@ -387,14 +387,25 @@ fn tiff_error(err: tiff::TiffError) -> anyhow::Error {
     anyhow!("it is not a readable TIFF: {}", reason(err))
 }
 
+/// Longest reason quoted from the decoder, in characters.
+const MAX_REASON_CHARS: usize = 300;
+
 /// What the decoder found wrong, in words: a read past the end of the file means that a
-/// structure or chunk says it lies where the file has no bytes.
+/// structure or chunk says it lies where the file has no bytes. The decoder quotes a field's
+/// values, which in a corrupt file can be tens of thousands of numbers: cut to
+/// [`MAX_REASON_CHARS`].
 fn reason(err: tiff::TiffError) -> String {
     match err {
         tiff::TiffError::IoError(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             "it points past the end of the file (truncated or corrupt)".into()
         }
-        other => other.to_string(),
+        other => {
+            let text = other.to_string();
+            match text.char_indices().nth(MAX_REASON_CHARS) {
+                Some((cut, _)) => format!("{} ...", &text[..cut]),
+                None => text,
+            }
+        }
     }
 }
 
@@ -626,6 +637,22 @@ fn jpeg_frame_size<R: Read + Seek>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_reasons_are_cut() {
+        use tiff::tags::PhotometricInterpretation;
+        let bits = vec![8u8; 20_000];
+        let err = tiff::TiffUnsupportedError::InterpretationWithBits(
+            PhotometricInterpretation::RGB,
+            bits,
+        );
+        let text = reason(tiff::TiffError::UnsupportedError(err));
+        assert!(text.starts_with("unsupported error: Photometric interpretation RGB"));
+        assert!(text.ends_with(" ..."));
+        assert_eq!(text.chars().count(), MAX_REASON_CHARS + 4);
+        let short = tiff::TiffError::FormatError(tiff::TiffFormatError::TiffSignatureNotFound);
+        assert!(!reason(short).ends_with("..."));
+    }
 
     #[test]
     fn jpeg_frame_size_skips_segments_to_the_frame_header() {
