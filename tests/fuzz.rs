@@ -3,7 +3,8 @@
 //! tile time) meets random corruptions of a valid file and must answer with an error or a
 //! valid result, never a panic; the slide readers also never hang, never ask for more than the
 //! memory budget in one allocation, and name the file in every refusal. A bounded pass runs
-//! with the tests; `SLAM_FUZZ_CASES=100000 cargo test --release --test fuzz` runs a long one.
+//! with the tests; `SLAM_FUZZ_CASES=100000 cargo test --release --test fuzz` runs a long one
+//! (with `TMPDIR` on a tmpfs: every slide case writes and syncs a store).
 
 mod common;
 mod tiff_writer;
