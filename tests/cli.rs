@@ -319,11 +319,15 @@ fn demo_runs_end_to_end_on_a_tiny_setting() {
     let args = [&demo[..], &SMALL_PLAN_FLAGS].concat();
     let text = assert_succeeds(&slam(&args));
     for variant in ["random-init", "simclr", "slam-no-surgery", "slam-ags"] {
-        assert!(text.contains(&format!("| {variant} |")), "{text}");
+        for head in ["ABMIL", "PAMIL"] {
+            assert!(text.contains(&format!("| {variant} | {head} |")), "{text}");
+        }
         let files = [
             "model.safetensors",
             "test.embed.safetensors",
             "mil/metrics.json",
+            "mil-pamil/metrics.json",
+            "mil-pamil/mil.safetensors",
         ];
         assert_files_exist(&out.join(variant), &files);
     }
@@ -338,7 +342,7 @@ fn demo_runs_end_to_end_on_a_tiny_setting() {
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let rows = results["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 8, "four variants, each with both MIL heads");
     for row in rows {
         for key in ["f1", "accuracy", "auc", "retrieval_fraction"] {
             let v = row[key].as_f64().unwrap_or_else(|| panic!("{key}: {row}"));

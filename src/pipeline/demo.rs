@@ -16,7 +16,9 @@ use crate::data::build::plan::BagPlanConfig;
 use crate::data::build::synth::{SynthConfig, SynthDataset, write_dataset};
 use crate::embed::{self, EmbedSettings, Embeddings, FeatureKind};
 use crate::feed::{Feed, ViewSettings};
-use crate::mil::{Adam, Evaluation, MilBag, MilHead, MilTrainConfig, report};
+use crate::mil::{
+    Aggregator, Evaluation, HeadSpec, MilBag, PamilSettings, PamilStart, ProtoInit, report,
+};
 use crate::model::{ModelState, NetSpec, Surgery};
 use crate::plots;
 use crate::pretrain::{Objective, Observer, PretrainConfig, Run};
@@ -41,7 +43,8 @@ pub struct DemoConfig {
     /// Output folder.
     #[arg(long, default_value = "slam-demo")]
     pub out: PathBuf,
-    /// Run the ablations too: random init, SimCLR, SLAM without surgery, SLAM-AGS.
+    /// Run the ablations too (random init, SimCLR, SLAM without surgery, SLAM-AGS), each
+    /// evaluated with both MIL heads (ABMIL and PAMIL).
     #[arg(long)]
     pub compare: bool,
     /// Side of the synthetic patches.
@@ -53,7 +56,7 @@ pub struct DemoConfig {
     /// also seeds the data and the MIL head.
     #[command(flatten)]
     pub pretrain: PretrainConfig,
-    /// MIL training epochs.
+    /// MIL training epochs (of each head).
     #[arg(long, default_value_t = 40)]
     pub mil_epochs: usize,
     /// Replace the output folder's previous results.
@@ -98,6 +101,8 @@ impl Variant {
 #[derive(Debug, Serialize)]
 pub struct Row {
     pub variant: &'static str,
+    /// The MIL head: "ABMIL" or "PAMIL".
+    pub head: &'static str,
     pub pretrain_seconds: f64,
     pub f1: f64,
     pub accuracy: f64,
@@ -212,14 +217,14 @@ impl DemoConfig {
         let mut rows = Vec::new();
         for variant in self.variants() {
             observer.stage(&format!("== {}", variant.name));
-            rows.push(self.run_variant(eng, views, variant, &data, observer)?);
+            rows.extend(self.run_variant(eng, views, variant, &data, observer)?);
         }
         let table = self.render_table(&rows, &data);
         write_atomic(&out.join("results.md"), table.as_bytes())?;
         for chart in CHARTS {
             let bars: Vec<(String, f64)> = rows
                 .iter()
-                .map(|r| (r.variant.to_owned(), (chart.value)(r).unwrap_or(0.0)))
+                .map(|r| (self.row_label(r), (chart.value)(r).unwrap_or(0.0)))
                 .collect();
             plots::bar_chart(&out.join(chart.file), chart.title, chart.axis, &bars)?;
         }
@@ -243,7 +248,7 @@ impl DemoConfig {
         variant: Variant,
         data: &SynthDataset,
         observer: &mut dyn DemoObserver,
-    ) -> Result<Row> {
+    ) -> Result<Vec<Row>> {
         let dir = self.out.join(variant.name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
@@ -291,28 +296,71 @@ impl DemoConfig {
         let train = embed_store(&data.paths.train, "train.embed.safetensors")?;
         let test = embed_store(&data.paths.test, "test.embed.safetensors")?;
 
-        let mil_config = MilTrainConfig {
-            epochs: self.mil_epochs,
-            adam: Adam::default(),
-            seed: self.pretrain.seed,
-        };
         let bags = MilBag::from_embeddings(&train);
-        let head = MilHead::train(&bags, train.dim, (64, 32), &mil_config, |_| {});
-        let mil_dir = dir.join("mil");
-        std::fs::create_dir_all(&mil_dir)?;
-        report::save_model(&mil_dir.join(report::MODEL_FILE), &head)?;
-        let evaluation = report::evaluate(&mil_dir, &head, &test, data.witnesses_per_bag)?;
-        observer.evaluated(variant.name, &mil_dir, &evaluation);
-        let m = evaluation.metrics;
-        Ok(Row {
-            variant: variant.name,
-            pretrain_seconds,
-            f1: m.f1,
-            accuracy: m.accuracy,
-            auc: m.auc,
-            retrieval_hits: evaluation.mean_hits(),
-            retrieval_fraction: evaluation.mean_fraction(),
-        })
+        let mut rows = Vec::new();
+        for head in self.heads() {
+            let (spec, mil_dir) = match head {
+                Aggregator::Abmil => (
+                    HeadSpec::Abmil {
+                        hidden: 64,
+                        attention: 32,
+                    },
+                    dir.join("mil"),
+                ),
+                Aggregator::Pamil => {
+                    let (hidden, attention) = head.default_sizes();
+                    let settings = PamilSettings::default();
+                    let spec = HeadSpec::Pamil {
+                        config: settings.config(train.dim, hidden, attention),
+                        losses: settings.losses,
+                        start: PamilStart::Fresh(ProtoInit::Normal),
+                    };
+                    (spec, dir.join("mil-pamil"))
+                }
+            };
+            let mil_config = crate::mil::MilTrainConfig {
+                epochs: self.mil_epochs,
+                seed: self.pretrain.seed,
+                ..head.train_defaults()
+            };
+            let trained = spec.train(&bags, train.dim, &mil_config, |_| {})?;
+            std::fs::create_dir_all(&mil_dir)?;
+            report::save_model(&mil_dir.join(report::MODEL_FILE), &trained.selected)?;
+            let evaluation =
+                report::evaluate(&mil_dir, &trained.selected, &test, data.witnesses_per_bag)?;
+            observer.evaluated(variant.name, &mil_dir, &evaluation);
+            let m = evaluation.metrics;
+            rows.push(Row {
+                variant: variant.name,
+                head: head.name(),
+                pretrain_seconds,
+                f1: m.f1,
+                accuracy: m.accuracy,
+                auc: m.auc,
+                retrieval_hits: evaluation.mean_hits(),
+                retrieval_fraction: evaluation.mean_fraction(),
+            });
+        }
+        Ok(rows)
+    }
+
+    /// The MIL heads each variant is evaluated with: ABMIL, and PAMIL beside it with
+    /// `compare`.
+    fn heads(&self) -> Vec<Aggregator> {
+        if self.compare {
+            vec![Aggregator::Abmil, Aggregator::Pamil]
+        } else {
+            vec![Aggregator::Abmil]
+        }
+    }
+
+    /// A row's name in the charts: the variant, and its head when there are two.
+    fn row_label(&self, r: &Row) -> String {
+        if self.compare {
+            format!("{} {}", r.variant, r.head)
+        } else {
+            r.variant.to_owned()
+        }
     }
 
     fn render_table(&self, rows: &[Row], data: &SynthDataset) -> String {
@@ -331,12 +379,15 @@ impl DemoConfig {
             self.pretrain.epochs,
             data.test.bags
         );
-        table.push_str("| variant | pretrain s | bag F1 | accuracy | AUC | retrieval (top K) |\n");
-        table.push_str("|---|---:|---:|---:|---:|---:|\n");
+        table.push_str(
+            "| variant | MIL head | pretrain s | bag F1 | accuracy | AUC | retrieval (top K) |\n",
+        );
+        table.push_str("|---|---|---:|---:|---:|---:|---:|\n");
         for r in rows {
             table.push_str(&format!(
-                "| {} | {:.0} | {:.3} | {:.3} | {} | {} |\n",
+                "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} |\n",
                 r.variant,
+                r.head,
                 r.pretrain_seconds,
                 r.f1,
                 r.accuracy,
