@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::embed::Embeddings;
@@ -84,12 +84,14 @@ pub struct MilTrainArgs {
     pub attention: Option<usize>,
     #[arg(long, value_enum, help = per_head(
         "Which epoch's head to keep: best (the latest of best training accuracy) or last",
-        |a| format!("{:?}", a.train_defaults().select).to_lowercase()
+        |a| a.train_defaults().select.to_possible_value().expect("named").get_name().to_owned()
     ))]
     pub select: Option<Selection>,
     /// Seeds the initialization and the order of the bags.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub eval: EvalOptions,
     #[command(flatten, next_help_heading = "PAMIL (with --aggregator pamil)")]
     pub pamil: PamilSettings,
     /// Start from this PAMIL head (e.g. trained at a higher witness rate), the curriculum of
@@ -100,8 +102,6 @@ pub struct MilTrainArgs {
     /// Epochs the --init-head curriculum keeps proto, fc and proto_pred_classifier frozen.
     #[arg(long, default_value_t = FREEZE_EPOCHS, help_heading = "PAMIL (with --aggregator pamil)")]
     pub freeze_epochs: usize,
-    #[command(flatten)]
-    pub eval: EvalOptions,
 }
 
 impl MilTrainArgs {

@@ -72,7 +72,7 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Embed every patch of a store with a trained model.
     Embed(embed::EmbedArgs),
-    /// Gated-attention multiple-instance learning on embedded bags.
+    /// Multiple-instance learning on embedded bags: gated attention (ABMIL) or PAMIL.
     #[command(subcommand)]
     Mil(mil::MilCommand),
     /// Write a freshly initialized model as a safetensors checkpoint with the reference names.

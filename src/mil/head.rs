@@ -220,23 +220,23 @@ impl HeadSpec {
             ..
         } = self
         {
-            let (a, b) = (&from.config, config);
-            let sizes = |c: &PamilConfig| (c.input_dim, c.hidden, c.attention, c.prototypes);
+            let sizes = |c: &PamilConfig, dim| (dim, c.hidden, c.attention, c.prototypes);
+            let (have, want) = (
+                sizes(&from.config, from.config.input_dim),
+                sizes(config, dim),
+            );
             ensure!(
-                sizes(a)
-                    == sizes(&PamilConfig {
-                        input_dim: dim,
-                        ..*b
-                    }),
+                have == want,
                 "the starting head has {} features, hidden {}, attention {} and {} prototypes; \
-                 this head has {dim}, {}, {} and {}",
-                a.input_dim,
-                a.hidden,
-                a.attention,
-                a.prototypes,
-                b.hidden,
-                b.attention,
-                b.prototypes
+                 this head has {}, {}, {} and {}",
+                have.0,
+                have.1,
+                have.2,
+                have.3,
+                want.0,
+                want.1,
+                want.2,
+                want.3
             );
         }
         Ok(())
@@ -252,6 +252,11 @@ impl HeadSpec {
     ) -> Result<TrainedHead> {
         self.check(dim)?;
         ensure!(!bags.is_empty(), "no bags to train on");
+        ensure!(
+            bags.iter()
+                .all(|b| !b.features.is_empty() && b.features.len() % dim == 0),
+            "every bag needs at least one instance of {dim} features"
+        );
         match self {
             Self::Abmil { hidden, attention } => {
                 let standardizer = Standardizer::fit(bags, dim);

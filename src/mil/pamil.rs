@@ -17,7 +17,7 @@
 
 use std::ops::Range;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
@@ -514,31 +514,15 @@ impl Pamil {
             let der = softmax_backward(&prob, &dprob);
             dbag.iter_mut().zip(&der).for_each(|(d, e)| *d += e);
 
-            // proto_logits = W (pi Q) + b;  d(pi Q) = W^T dlogits.
-            classifier.backward_params(&pp.pooled, &dproto_logits, grads);
-            let mut dpooled = vec![0.0; l];
-            classifier.backward_input(params, &dproto_logits, &mut dpooled);
-            // pi Q: dpi_j = dpooled . Q_j,  dQ_j += pi_j dpooled.
-            let dweights: Vec<f64> =
-                f.q.out
-                    .chunks_exact(l)
-                    .map(|row| row.iter().zip(&dpooled).map(|(q, d)| q * d).sum())
-                    .collect();
-            for (dq_row, &wj) in dq.chunks_exact_mut(l).zip(&pp.weights) {
-                dq_row
-                    .iter_mut()
-                    .zip(&dpooled)
-                    .for_each(|(g, d)| *g += wj * d);
-            }
-            // pi = softmax(s / s_top): ds_j += dz_j / s_top, ds_top -= sum_j dz_j s_j / s_top^2;
-            // s_j = PA[best_j, j].
-            let dz = softmax_backward(&pp.weights, &dweights);
-            let top = pp.scores[pp.top];
-            let mut ds: Vec<f64> = dz.iter().map(|d| d / top).collect();
-            ds[pp.top] -= dz.iter().zip(&pp.scores).map(|(d, s)| d * s).sum::<f64>() / (top * top);
-            for (j, (&i, d)) in pp.best.iter().zip(&ds).enumerate() {
-                dpa[i * p + j] += d;
-            }
+            Self::proto_prediction_backward(
+                params,
+                f,
+                pp,
+                classifier,
+                &dproto_logits,
+                (&mut dq, &mut dpa),
+                grads,
+            );
         }
 
         // logit_c = w_c . M_c + b_c with w_c = g v / |v|:
@@ -584,46 +568,7 @@ impl Pamil {
             .backward_params(&f.proto_a, &da_raw_t, grads);
         lay.attention_c.backward_input(params, &da_raw_t, &mut dpa);
 
-        // Clustering: S = softmax of each PA row; the max entries of its rows (weight
-        // -l_clst / n each) and of its columns (-l_pclst / p each), then the softmax.
-        let mut s = f.proto_a.clone();
-        s.chunks_exact_mut(p).for_each(softmax);
-        let row_max: Vec<usize> = s
-            .chunks_exact(p)
-            .map(|r| argmax(r.iter().copied()))
-            .collect();
-        let col_max: Vec<usize> = (0..p)
-            .map(|j| argmax((0..n).map(|i| s[i * p + j])))
-            .collect();
-        let clst = 1.0
-            - row_max
-                .iter()
-                .enumerate()
-                .map(|(i, &j)| s[i * p + j])
-                .sum::<f64>()
-                / n as f64;
-        let proto_clst = 1.0
-            - col_max
-                .iter()
-                .enumerate()
-                .map(|(j, &i)| s[i * p + j])
-                .sum::<f64>()
-                / p as f64;
-        let mut ds = vec![0.0; n * p];
-        for (i, &j) in row_max.iter().enumerate() {
-            ds[i * p + j] -= losses.lambda_clst / n as f64;
-        }
-        for (j, &i) in col_max.iter().enumerate() {
-            ds[i * p + j] -= losses.lambda_proto_clst / p as f64;
-        }
-        for ((dpa_row, s_row), ds_row) in dpa
-            .chunks_exact_mut(p)
-            .zip(s.chunks_exact(p))
-            .zip(ds.chunks_exact(p))
-        {
-            let d = softmax_backward(s_row, ds_row);
-            dpa_row.iter_mut().zip(d).for_each(|(g, d)| *g += d);
-        }
+        let (clst, proto_clst) = clustering_losses(&f.proto_a, p, losses, &mut dpa);
 
         // PA = SB TA^T: dSB = dPA TA, dTA = dPA^T SB; sigmoid' = s (1 - s), tanh' = 1 - t^2.
         let mut dsb = product(Mat::rows(&dpa, n, p), Mat::rows(&f.ta, p, a));
@@ -639,9 +584,10 @@ impl Pamil {
         lay.attention_a.backward_params(&f.q.out, &dta, grads);
         lay.attention_a.backward_input(params, &dta, &mut dq);
 
-        let inst = lay.instance.as_ref().map(|classifiers| {
-            self.instance_loss(params, f, y, classifiers, losses, grads, &mut dh)
-        });
+        let inst = lay
+            .instance
+            .is_some()
+            .then(|| self.instance_loss(params, f, y, losses, grads, &mut dh));
 
         // H = rownorm(relu(fc(X))), Q = rownorm(relu(fc(proto))).
         let dh_raw = f.h.backward_relu(&dh);
@@ -667,21 +613,61 @@ impl Pamil {
         }
     }
 
+    /// The prototype prediction's backward from `dproto_logits`: its classifier's gradient,
+    /// and what reaches `Q` and `PA` (through `pi Q` and the scores' maxima) added to
+    /// `dq` and `dpa`.
+    fn proto_prediction_backward(
+        params: &[f64],
+        f: &PamilForward,
+        pp: &ProtoPrediction,
+        classifier: &Linear,
+        dproto_logits: &[f64],
+        (dq, dpa): (&mut [f64], &mut [f64]),
+        grads: &mut [f64],
+    ) {
+        let p = pp.weights.len();
+        let l = f.q.out.len() / p;
+        // proto_logits = W (pi Q) + b;  d(pi Q) = W^T dlogits.
+        classifier.backward_params(&pp.pooled, dproto_logits, grads);
+        let mut dpooled = vec![0.0; l];
+        classifier.backward_input(params, dproto_logits, &mut dpooled);
+        // pi Q: dpi_j = dpooled . Q_j,  dQ_j += pi_j dpooled.
+        let dweights: Vec<f64> =
+            f.q.out
+                .chunks_exact(l)
+                .map(|row| row.iter().zip(&dpooled).map(|(q, d)| q * d).sum())
+                .collect();
+        for (dq_row, &wj) in dq.chunks_exact_mut(l).zip(&pp.weights) {
+            dq_row
+                .iter_mut()
+                .zip(&dpooled)
+                .for_each(|(g, d)| *g += wj * d);
+        }
+        // pi = softmax(s / s_top): ds_j += dz_j / s_top, ds_top -= sum_j dz_j s_j / s_top^2;
+        // s_j = PA[best_j, j].
+        let dz = softmax_backward(&pp.weights, &dweights);
+        let top = pp.scores[pp.top];
+        let mut ds: Vec<f64> = dz.iter().map(|d| d / top).collect();
+        ds[pp.top] -= dz.iter().zip(&pp.scores).map(|(d, s)| d * s).sum::<f64>() / (top * top);
+        for (j, (&i, d)) in pp.best.iter().zip(&ds).enumerate() {
+            dpa[i * p + j] += d;
+        }
+    }
+
     /// The instance classifiers' loss (mean over both classes) and its gradient: class c
     /// trains on the k instances of highest abnormal-class attention (target 1 when the bag
     /// is of class c, else 0) and, for the bag's class, the k of lowest (target 0). Both
     /// classes rank by the abnormal row of `A`, as the reference does.
-    #[allow(clippy::too_many_arguments)]
     fn instance_loss(
         &self,
         params: &[f64],
         f: &PamilForward,
         label: usize,
-        classifiers: &[Linear; CLASSES],
         losses: &PamilLosses,
         grads: &mut [f64],
         dh: &mut [f64],
     ) -> f64 {
+        let classifiers = self.layout.instance.as_ref().expect("with inst_pred");
         let l = self.config.hidden;
         let k = losses.k_sample.min(f.n);
         let ranking = f.abnormal_attention();
@@ -761,13 +747,17 @@ impl Pamil {
         let mut params = vec![0.0; model.param_len()];
         for t in &model.layout.tensors {
             let name = format!("{prefix}{}", t.name);
-            let values = match file.tensor_shaped::<f64>(&name, &t.shape) {
-                Ok(v) => v,
+            let shape = file.shape(&name)?;
+            ensure!(
+                shape == t.shape,
+                "{name} has shape {shape:?}; a PAMIL head of {config:?} has {:?}",
+                t.shape
+            );
+            let values = match file.tensor::<f64>(&name) {
+                Ok((v, _)) => v,
                 Err(_) => file
-                    .tensor_shaped::<f32>(&name, &t.shape)
-                    .with_context(|| {
-                        format!("PAMIL tensor {name}: f64 or f32 of shape {:?}", t.shape)
-                    })?
+                    .tensor::<f32>(&name)?
+                    .0
                     .into_iter()
                     .map(f64::from)
                     .collect(),
@@ -782,6 +772,58 @@ impl Pamil {
         );
         Ok((model, params))
     }
+}
+
+/// The clustering losses of `PA` (`n x p`), `1 - mean_i max_j S` and `1 - mean_j max_i S`
+/// with `S` the softmax of each row; their weighted gradient added to `dpa`: the maxima of
+/// the rows (weight `-l_clst / n` each) and of the columns (`-l_pclst / p` each), then the
+/// softmax.
+fn clustering_losses(
+    proto_a: &[f64],
+    p: usize,
+    losses: &PamilLosses,
+    dpa: &mut [f64],
+) -> (f64, f64) {
+    let n = proto_a.len() / p;
+    let mut s = proto_a.to_vec();
+    s.chunks_exact_mut(p).for_each(softmax);
+    let row_max: Vec<usize> = s
+        .chunks_exact(p)
+        .map(|r| argmax(r.iter().copied()))
+        .collect();
+    let col_max: Vec<usize> = (0..p)
+        .map(|j| argmax((0..n).map(|i| s[i * p + j])))
+        .collect();
+    let clst = 1.0
+        - row_max
+            .iter()
+            .enumerate()
+            .map(|(i, &j)| s[i * p + j])
+            .sum::<f64>()
+            / n as f64;
+    let proto_clst = 1.0
+        - col_max
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| s[i * p + j])
+            .sum::<f64>()
+            / p as f64;
+    let mut ds = vec![0.0; n * p];
+    for (i, &j) in row_max.iter().enumerate() {
+        ds[i * p + j] -= losses.lambda_clst / n as f64;
+    }
+    for (j, &i) in col_max.iter().enumerate() {
+        ds[i * p + j] -= losses.lambda_proto_clst / p as f64;
+    }
+    for ((dpa_row, s_row), ds_row) in dpa
+        .chunks_exact_mut(p)
+        .zip(s.chunks_exact(p))
+        .zip(ds.chunks_exact(p))
+    {
+        let d = softmax_backward(s_row, ds_row);
+        dpa_row.iter_mut().zip(d).for_each(|(g, d)| *g += d);
+    }
+    (clst, proto_clst)
 }
 
 /// `w = g v / |v|` of a weight-normalized classifier.
