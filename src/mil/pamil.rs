@@ -787,34 +787,23 @@ fn clustering_losses(
     let n = proto_a.len() / p;
     let mut s = proto_a.to_vec();
     s.chunks_exact_mut(p).for_each(softmax);
-    let row_max: Vec<usize> = s
-        .chunks_exact(p)
-        .map(|r| argmax(r.iter().copied()))
+    // The maximum of each row and of each column of S, as (instance, prototype).
+    let row_max: Vec<(usize, usize)> = (0..n)
+        .map(|i| (i, argmax(s[i * p..(i + 1) * p].iter().copied())))
         .collect();
-    let col_max: Vec<usize> = (0..p)
-        .map(|j| argmax((0..n).map(|i| s[i * p + j])))
+    let col_max: Vec<(usize, usize)> = (0..p)
+        .map(|j| (argmax((0..n).map(|i| s[i * p + j])), j))
         .collect();
-    let clst = 1.0
-        - row_max
-            .iter()
-            .enumerate()
-            .map(|(i, &j)| s[i * p + j])
-            .sum::<f64>()
-            / n as f64;
-    let proto_clst = 1.0
-        - col_max
-            .iter()
-            .enumerate()
-            .map(|(j, &i)| s[i * p + j])
-            .sum::<f64>()
-            / p as f64;
     let mut ds = vec![0.0; n * p];
-    for (i, &j) in row_max.iter().enumerate() {
-        ds[i * p + j] -= losses.lambda_clst / n as f64;
-    }
-    for (j, &i) in col_max.iter().enumerate() {
-        ds[i * p + j] -= losses.lambda_proto_clst / p as f64;
-    }
+    let mut loss = |maxima: &[(usize, usize)], weight: f64| {
+        let count = maxima.len() as f64;
+        for &(i, j) in maxima {
+            ds[i * p + j] -= weight / count;
+        }
+        1.0 - maxima.iter().map(|&(i, j)| s[i * p + j]).sum::<f64>() / count
+    };
+    let clst = loss(&row_max, losses.lambda_clst);
+    let proto_clst = loss(&col_max, losses.lambda_proto_clst);
     for ((dpa_row, s_row), ds_row) in dpa
         .chunks_exact_mut(p)
         .zip(s.chunks_exact(p))
