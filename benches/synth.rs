@@ -13,6 +13,7 @@ fn render(c: &mut Criterion) {
         let synth = SynthConfig {
             patch_size: side,
             seed: 0,
+            eval_cells: 0,
         };
         group.throughput(Throughput::Elements(batch));
         group.bench_with_input(BenchmarkId::new("parallel", side), &side, |b, _| {

@@ -7,7 +7,7 @@ step computed in PyTorch.
 A dump holds input.{pos_i,pos_j,neg_i,neg_j}, loss.{contrastive,cohesion}, grad.{contrastive,
 cohesion,combined} (flat, parameters() order), before.<name> / after.<name> (full state_dict)
 and the metadata "slam_ags" = {"config": {width, blocks, out_dim}, "step": {surgery, sgd:
-{lr, momentum, weight_decay}, temperature}, "report": {lr, combination: {fired, cosine,..}}}.
+{lr, momentum, weight_decay}, temperature, task_weights}, "report": {lr, combination: {fired, cosine,..}}}.
 A golden file holds the same per step under step1./step2. and its case in the metadata
 "config". The model is rebuilt from the state_dict, loaded with strict=True, and the step(s)
 run deterministically (no TF32); every quantity is compared and the exit status is 1 when any
@@ -43,7 +43,7 @@ def describe(path, tensors, meta):
         hp = dict(surgery=step["surgery"], lr=report.get("lr", sgd["lr"]),
                   momentum=sgd["momentum"], weight_decay=sgd["weight_decay"],
                   temperature=step["temperature"], config=info.get("config"),
-                  engine=info.get("engine"))
+                  engine=info.get("engine"), task_weights=tuple(step.get("task_weights", (1.0, 1.0))))
         comb = report.get("combination", {})
         return "dump", [("", comb.get("fired"), comb.get("cosine"))], hp
     if "config" in meta and "step1.loss.contrastive" in tensors:
@@ -120,7 +120,8 @@ def main():
             model.to(device=dev, dtype=dtype)
             stepper = st.Stepper(model, surgery=hp["surgery"], lr=hp["lr"],
                                  momentum=hp["momentum"], weight_decay=hp["weight_decay"],
-                                 temperature=hp["temperature"], optim_impl="loop")
+                                 temperature=hp["temperature"], optim_impl="loop",
+                                 task_weights=hp.get("task_weights", (1.0, 1.0)))
             names = [n for n, _ in model.named_parameters()]
             x = [tensors[f"input.{v}"].to(device=dev, dtype=dtype) for v in VIEWS]
         except Exception as e:  # a file we cannot check at all

@@ -178,10 +178,12 @@ class Stepper:
     cohesion, surgery on the flat gradients, torch.optim.SGD (momentum, weight decay)."""
 
     def __init__(self, model, surgery="ags", lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                 temperature=0.07, autocast_dtype=None, optim_impl=None):
+                 temperature=0.07, autocast_dtype=None, optim_impl=None, task_weights=(1.0, 1.0)):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.surgery = surgery
+        # (l1, l2): the surgery combines l1 g1 and l2 g2 (g1, g2 are returned unweighted).
+        self.task_weights = task_weights
         self.temperature = temperature
         self.autocast_dtype = autocast_dtype
         kw = {}
@@ -211,19 +213,20 @@ class Stepper:
         self.model.train()
         loss1, g1 = self.task(pos_i, pos_j, ntxent)
         loss2, g2 = self.task(neg_i, neg_j, cohesion)
+        l1, l2 = self.task_weights
         if host_report:
-            d = torch.dot(g1.double(), g2.double()).item()
-            a = torch.dot(g1.double(), g1.double()).item()
-            b = torch.dot(g2.double(), g2.double()).item()
+            d = torch.dot(g1.double(), g2.double()).item() * l1 * l2
+            a = torch.dot(g1.double(), g1.double()).item() * l1 * l1
+            b = torch.dot(g2.double(), g2.double()).item() * l2 * l2
             report = combine_host(d, a, b, self.surgery)
-            alpha = torch.tensor(report["alpha"], dtype=torch.float32)
-            beta = torch.tensor(report["beta"], dtype=torch.float32)
-            # alpha and beta rounded to f32, as the fused update takes them.
+            # Coefficients of the unweighted gradients, rounded to f32 as the fused update takes them.
+            alpha = torch.tensor(report["alpha"] * l1, dtype=torch.float32)
+            beta = torch.tensor(report["beta"] * l2, dtype=torch.float32)
             g = alpha.to(g1.device) * g1 + beta.to(g1.device) * g2
         else:
             report = None
-            alpha, beta = combine_device(g1, g2, self.surgery)
-            g = alpha.float() * g1 + beta.float() * g2
+            alpha, beta = combine_device(l1 * g1, l2 * g2, self.surgery)
+            g = (alpha * l1).float() * g1 + (beta * l2).float() * g2
         set_flat_grads(self.params, g)
         self.opt.step()
         return dict(loss_contrastive=loss1, loss_cohesion=loss2, g1=g1, g2=g2, combined=g,

@@ -343,3 +343,133 @@ pub fn save(path: &Path, state: &ModelState) -> Result<()> {
 pub fn load(path: &Path) -> Result<ModelState> {
     TensorFile::open(path)?.model_state("")
 }
+
+/// How a weights file names the encoder's tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Naming {
+    /// The reference's `state_dict`: `encoder.0.weight`, `encoder.4.0.conv1.weight`, ...
+    Reference,
+    /// torchvision's ResNet: `conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ... (its
+    /// classifier `fc.*` is not part of our network and is left out).
+    Torchvision,
+}
+
+impl Naming {
+    /// The name this naming gives the reference tensor `name` (`None`: not in the scheme).
+    fn name_of(self, name: &str) -> Option<String> {
+        match self {
+            Naming::Reference => Some(name.to_owned()),
+            Naming::Torchvision => {
+                let rest = name.strip_prefix("encoder.")?;
+                let (module, rest) = rest.split_once('.')?;
+                let module: usize = module.parse().ok()?;
+                let renamed = match module {
+                    0 => "conv1".to_owned(),
+                    1 => "bn1".to_owned(),
+                    4..=7 => format!("layer{}", module - 3),
+                    _ => return None,
+                };
+                Some(format!("{renamed}.{rest}"))
+            }
+        }
+    }
+}
+
+/// What [`load_init`] took from a weights file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct InitReport {
+    pub naming: Naming,
+    /// Tensors copied from the file.
+    pub loaded: usize,
+    /// The network's tensors the file lacks, kept at their seeded initialization (only the
+    /// projector's may be missing).
+    pub kept: Vec<String>,
+    /// The file's tensors the network has no use for (torchvision's classifier).
+    pub ignored: Vec<String>,
+}
+
+/// The starting weights of a run of network `config` from the file at `path`, in the
+/// reference's or torchvision's naming: every encoder tensor (weights, batch-norm affine and
+/// running statistics) must be there with the network's shape; the projector's tensors are
+/// taken when present and otherwise kept from `ModelState::init(config, seed)`.
+pub fn load_init(path: &Path, config: NetConfig, seed: u64) -> Result<(ModelState, InitReport)> {
+    let file = TensorFile::open(path)?;
+    let names: BTreeSet<String> = file.names().into_iter().collect();
+    let naming = if names.contains("encoder.0.weight") {
+        Naming::Reference
+    } else if names.contains("conv1.weight") {
+        Naming::Torchvision
+    } else {
+        bail!(
+            "{} holds neither the reference's names (encoder.0.weight, ...) nor torchvision's \
+             ResNet names (conv1.weight, ...)",
+            path.display()
+        );
+    };
+    let net = Network::new(config);
+    let mut state = ModelState::init(config, seed)?;
+    let mut report = InitReport {
+        naming,
+        loaded: 0,
+        kept: Vec::new(),
+        ignored: Vec::new(),
+    };
+    let mut used = BTreeSet::new();
+    let tensors = [(&net.params, true), (&net.running, false)];
+    for (entries, is_param) in tensors {
+        for e in entries {
+            let Some(name) = naming.name_of(&e.name).filter(|n| names.contains(n)) else {
+                ensure!(
+                    e.name.starts_with("projector."),
+                    "{}: no tensor for the network's {}{} (every encoder tensor is needed)",
+                    path.display(),
+                    e.name,
+                    match naming.name_of(&e.name) {
+                        Some(n) if n != e.name => format!(" ({n} in torchvision's names)"),
+                        _ => String::new(),
+                    }
+                );
+                report.kept.push(e.name.clone());
+                continue;
+            };
+            let shape = file.shape(&name)?;
+            ensure!(
+                shape == e.shape,
+                "{}: {name} has shape {shape:?}, the network ({config}) needs {:?}: choose \
+                 --arch, --width and --out-dim to match the file",
+                path.display(),
+                e.shape
+            );
+            let values = file.f32_shaped(&name, &e.shape)?;
+            let target = if is_param {
+                &mut state.params
+            } else {
+                &mut state.running
+            };
+            target[e.range()].copy_from_slice(&values);
+            used.insert(name);
+            report.loaded += 1;
+        }
+    }
+    for (count, bn) in state.batches_tracked.iter_mut().zip(&net.batch_norms) {
+        if let Some(name) = naming
+            .name_of(&format!("{bn}.num_batches_tracked"))
+            .filter(|n| names.contains(n))
+        {
+            *count = file.i64_scalar(&name)?;
+            used.insert(name);
+        }
+    }
+    for name in names.difference(&used) {
+        let classifier = naming == Naming::Torchvision && name.starts_with("fc.");
+        ensure!(
+            classifier || name.starts_with("projector."),
+            "{}: tensor {name} is not part of a {config} network (a deeper ResNet, or another \
+             model?)",
+            path.display()
+        );
+        report.ignored.push(name.clone());
+    }
+    Ok((state, report))
+}

@@ -30,6 +30,15 @@ pub enum FeatureKind {
     Encoder,
 }
 
+impl std::fmt::Display for FeatureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FeatureKind::Projector => "projector (z)",
+            FeatureKind::Encoder => "encoder (h)",
+        })
+    }
+}
+
 /// Every patch of a store, embedded.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Embeddings {
@@ -72,24 +81,134 @@ pub fn embed<E: Engine>(
     state: &ModelState,
     store: &PatchStore,
     settings: EmbedSettings,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Embeddings> {
-    let EmbedSettings { kind, crop, batch } = settings;
-    ensure!(batch >= 1, "the batch must be at least 1 patch");
+    let kinds = [settings.kind];
+    let [embeddings] = embed_kinds(eng, state, store, &kinds, settings, progress)?
+        .try_into()
+        .expect("one embedding per kind");
+    Ok(embeddings)
+}
+
+/// [`embed`] into several kinds of features at once (`settings.kind` is ignored): one
+/// forward pass gives both h and z.
+pub fn embed_kinds<E: Engine>(
+    eng: &E,
+    state: &ModelState,
+    store: &PatchStore,
+    kinds: &[FeatureKind],
+    settings: EmbedSettings,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Embeddings>> {
     let net = state.validate()?;
+    let params = eng.upload(&state.params)?;
+    let running = eng.upload(&state.running)?;
+    let total = store.len();
+    let dim = |kind| match kind {
+        FeatureKind::Projector => state.config.out_dim,
+        FeatureKind::Encoder => state.config.feature_dim(),
+    };
+    let mut features: Vec<Vec<f32>> = kinds.iter().map(|&k| vec![0.0; total * dim(k)]).collect();
+    for_center_crops(eng, store, settings, |start, n, input| {
+        let acts = net.forward_eval(eng, &params, &running, input, n, settings.crop)?;
+        for (&kind, features) in kinds.iter().zip(&mut features) {
+            let (out, dim) = match kind {
+                FeatureKind::Projector => (&acts.z, dim(kind)),
+                FeatureKind::Encoder => (&acts.features, dim(kind)),
+            };
+            // Engines hold features as [dim, n]; the file holds one row per patch.
+            let columns = eng.download(eng.all(out))?;
+            for (i, row) in features[start * dim..(start + n) * dim]
+                .chunks_exact_mut(dim)
+                .enumerate()
+            {
+                for (d, v) in row.iter_mut().enumerate() {
+                    *v = columns[d * n + i];
+                }
+            }
+        }
+        progress(start + n, total);
+        Ok(())
+    })?;
+    Ok(kinds
+        .iter()
+        .zip(features)
+        .map(|(&kind, features)| Embeddings {
+            kind,
+            dim: dim(kind),
+            features,
+            bags: store.bags().to_vec(),
+            instances: (0..total).map(|i| store.instance(i)).collect(),
+            sources: (0..total).map(|i| store.source(i).to_owned()).collect(),
+        })
+        .collect())
+}
+
+/// `state` with its batch-norm running statistics recomputed on `store`: the plain mean,
+/// over passes of `settings.batch` center crops, of each pass's batch statistics (PyTorch's
+/// `momentum=None`). A randomly initialized network keeps the initial statistics (mean 0,
+/// variance 1), which its activations do not have: in eval mode its features are then
+/// degenerate. This gives it the statistics of the data without training any weight.
+pub fn recalibrate_batch_norm<E: Engine>(
+    eng: &E,
+    state: &ModelState,
+    store: &PatchStore,
+    settings: EmbedSettings,
+) -> Result<ModelState> {
+    let net = state.validate()?;
+    ensure!(
+        store.len() >= 2 && settings.batch >= 2,
+        "recalibrating batch norm needs passes of at least 2 patches (store {}, batch {})",
+        store.len(),
+        settings.batch
+    );
+    let params = eng.upload(&state.params)?;
+    let mut running = eng.upload(&state.running)?;
+    let mut passes = 0usize;
+    for_center_crops(eng, store, settings, |_, n, input| {
+        // A last pass of one patch has no batch statistics: it is left out.
+        if n >= 2 {
+            let momentum = 1.0 / (passes + 1) as f32;
+            net.forward_calibrate(
+                eng,
+                &params,
+                &mut running,
+                input,
+                n,
+                settings.crop,
+                momentum,
+            )?;
+            passes += 1;
+        }
+        Ok(())
+    })?;
+    Ok(ModelState {
+        running: eng.download(eng.all(&running))?,
+        batches_tracked: state
+            .batches_tracked
+            .iter()
+            .map(|c| c + passes as i64)
+            .collect(),
+        ..state.clone()
+    })
+}
+
+/// Renders the center crop of every patch of `store`, `settings.batch` at a time, and calls
+/// `f(first patch, patches, input)` with each batch on the engine.
+fn for_center_crops<E: Engine>(
+    eng: &E,
+    store: &PatchStore,
+    settings: EmbedSettings,
+    mut f: impl FnMut(usize, usize, &E::Buf) -> Result<()>,
+) -> Result<()> {
+    let EmbedSettings { crop, batch, .. } = settings;
+    ensure!(batch >= 1, "the batch must be at least 1 patch");
     let augment = AugmentConfig {
         crop,
         ..AugmentConfig::default()
     };
     let center = ViewParams::center(&augment, store.patch_size())?;
-    let dim = match kind {
-        FeatureKind::Projector => state.config.out_dim,
-        FeatureKind::Encoder => state.config.feature_dim(),
-    };
-    let params = eng.upload(&state.params)?;
-    let running = eng.upload(&state.running)?;
     let total = store.len();
-    let mut features = vec![0.0; total * dim];
     let mut images = Vec::new();
     for start in (0..total).step_by(batch) {
         let n = batch.min(total - start);
@@ -108,31 +227,9 @@ pub fn embed<E: Engine>(
             &mut images,
         )?;
         let input = eng.upload(&nchw_to_cnhw(&images, n, 3, crop * crop))?;
-        let acts = net.forward_eval(eng, &params, &running, &input, n, crop)?;
-        let out = match kind {
-            FeatureKind::Projector => &acts.z,
-            FeatureKind::Encoder => &acts.features,
-        };
-        // Engines hold features as [dim, n]; the file holds one row per patch.
-        let columns = eng.download(eng.all(out))?;
-        for (i, row) in features[start * dim..(start + n) * dim]
-            .chunks_exact_mut(dim)
-            .enumerate()
-        {
-            for (d, v) in row.iter_mut().enumerate() {
-                *v = columns[d * n + i];
-            }
-        }
-        progress(start + n, total);
+        f(start, n, &input)?;
     }
-    Ok(Embeddings {
-        kind,
-        dim,
-        features,
-        bags: store.bags().to_vec(),
-        instances: (0..total).map(|i| store.instance(i)).collect(),
-        sources: (0..total).map(|i| store.source(i).to_owned()).collect(),
-    })
+    Ok(())
 }
 
 impl Embeddings {

@@ -18,6 +18,8 @@
 //! - [`embed`]: a trained model over every patch of a store, and the embeddings file.
 //! - [`mil`]: downstream multiple-instance learning heads (gated attention, and the
 //!   reference's PAMIL) and their metrics.
+//! - [`eval`]: instance-level evaluation of embeddings (linear probe, anomaly scores,
+//!   retrieval, spread), no MIL head needed.
 //! - [`pipeline`]: the programs the command line runs (the demo, the step dump, the
 //!   benchmarks), as library functions.
 //! - [`memory`]: the memory a command may plan for, checked before work starts.
@@ -31,6 +33,7 @@ pub mod cli;
 pub mod data;
 pub mod embed;
 pub mod engine;
+pub mod eval;
 pub mod feed;
 pub(crate) mod matmul;
 pub mod memory;

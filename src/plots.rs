@@ -130,8 +130,20 @@ pub fn line_chart(
 
 /// A bar chart of named values, one bar each.
 pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]) -> Result<()> {
+    let bars: Vec<(String, f64, f64)> = bars.iter().map(|(l, v)| (l.clone(), *v, 0.0)).collect();
+    bar_chart_with_errors(path, title, y_label, &bars)
+}
+
+/// A bar chart of named values with error bars: `(label, value, error)` draws a bar at
+/// `value` and a whisker over `value +- error` (none when `error` is 0).
+pub fn bar_chart_with_errors(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    bars: &[(String, f64, f64)],
+) -> Result<()> {
     render(path, |root| {
-        let top = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1e-9) * 1.15;
+        let top = bars.iter().map(|b| b.1 + b.2).fold(0.0, f64::max).max(1e-9) * 1.15;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, (FONT, 22))
             .margin(12)
@@ -152,7 +164,7 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
             .draw()
             .map_err(plot_error)?;
         chart
-            .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
+            .draw_series(bars.iter().enumerate().map(|(i, (_, v, _))| {
                 let color = COLORS[i % COLORS.len()];
                 let mut bar = Rectangle::new(
                     [
@@ -166,10 +178,18 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
             }))
             .map_err(plot_error)?;
         chart
-            .draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
+            .draw_series(bars.iter().enumerate().filter(|(_, b)| b.2 > 0.0).map(
+                |(i, (_, v, e))| {
+                    let x = SegmentValue::CenterOf(i);
+                    PathElement::new(vec![(x.clone(), v - e), (x, v + e)], BLACK.stroke_width(3))
+                },
+            ))
+            .map_err(plot_error)?;
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, (_, v, e))| {
                 Text::new(
                     format!("{v:.3}"),
-                    (SegmentValue::CenterOf(i), *v + 0.03 * top),
+                    (SegmentValue::CenterOf(i), *v + e + 0.03 * top),
                     (FONT, 14),
                 )
             }))

@@ -6,7 +6,9 @@
 //! derived from the crate's layout) plus the projector, 124 tensors, read back with the
 //! `safetensors` crate directly; (c) loading rejects missing, extra, mis-shaped and mistyped
 //! tensors naming the tensor, and files that are not safetensors naming the file;
-//! (d) `ModelState::init` follows torchvision's initialization; (e) writes are atomic.
+//! (d) `ModelState::init` follows torchvision's initialization; (e) writes are atomic;
+//! (f) `--init` weights load in the reference's and torchvision's names, and what does not fit
+//! the network is refused naming the tensor.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
-use slam_ags::checkpoint::{TensorFile, TensorWriter, load, save};
+use slam_ags::checkpoint::{Naming, TensorFile, TensorWriter, load, load_init, save};
 use slam_ags::model::{ModelState, NetConfig};
 
 /// A small net with a different depth per stage and an out_dim unlike its features (24).
@@ -616,4 +618,114 @@ fn writes_are_atomic_and_leave_no_temporary_files() {
     save(&path, &state).unwrap();
     assert_bit_identical(&load(&path).unwrap(), &state);
     assert_eq!(file_names(dir.path()), vec![path]);
+}
+
+// (f) `--init`: starting weights in the reference's or torchvision's names ----------------
+
+/// torchvision's name for a reference tensor: `encoder.0` is `conv1`, `encoder.1` is `bn1`,
+/// `encoder.{N+3}` is `layerN`; the projector has none.
+fn torchvision_name(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("encoder.")?;
+    let (module, rest) = rest.split_once('.').unwrap();
+    let module = match module {
+        "0" => "conv1".to_owned(),
+        "1" => "bn1".to_owned(),
+        m => format!("layer{}", m.parse::<usize>().unwrap() - 3),
+    };
+    Some(format!("{module}.{rest}"))
+}
+
+#[test]
+fn init_takes_reference_and_torchvision_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = trained_like(SMALL, 21);
+    let reference = dir.path().join("reference.safetensors");
+    save(&reference, &source).unwrap();
+    let (state, report) = load_init(&reference, SMALL, 99).unwrap();
+    assert_bit_identical(&state, &source);
+    assert_eq!(report.naming, Naming::Reference);
+    assert!(report.kept.is_empty() && report.ignored.is_empty());
+
+    // torchvision: the encoder renamed, no projector, a classifier fc.
+    let mut tensors: BTreeMap<String, Raw> = read_raw(&reference)
+        .into_iter()
+        .filter_map(|(name, raw)| Some((torchvision_name(&name)?, raw)))
+        .collect();
+    let classifier = Raw {
+        dtype: Dtype::F32,
+        shape: vec![1000, 24],
+        bytes: vec![0; 1000 * 24 * 4],
+    };
+    tensors.insert("fc.weight".into(), classifier);
+    let torchvision = dir.path().join("torchvision.safetensors");
+    write_raw(&torchvision, &tensors);
+    let (state, report) = load_init(&torchvision, SMALL, 99).unwrap();
+    assert_eq!(report.naming, Naming::Torchvision);
+    assert_eq!(report.ignored, ["fc.weight"]);
+    let fresh = ModelState::init(SMALL, 99).unwrap();
+    let net = slam_ags::model::Network::new(SMALL);
+    for e in &net.params {
+        let (got, want) = if e.name.starts_with("projector.") {
+            (&state.params[e.range()], &fresh.params[e.range()])
+        } else {
+            (&state.params[e.range()], &source.params[e.range()])
+        };
+        let same = got
+            .iter()
+            .zip(want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{} was not taken from the right place", e.name);
+    }
+    assert_eq!(
+        report.kept.len(),
+        4,
+        "the projector's four tensors: {:?}",
+        report.kept
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&state.running) == bits(&source.running),
+        "running statistics differ"
+    );
+    assert_eq!(state.batches_tracked, source.batches_tracked);
+}
+
+#[test]
+fn init_refuses_what_does_not_fit_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("init.safetensors");
+    let err = |tensors: &BTreeMap<String, Raw>, config: NetConfig| {
+        write_raw(&path, tensors);
+        format!("{:#}", load_init(&path, config, 0).unwrap_err())
+    };
+    let valid = small_tensors(dir.path());
+    // Another width.
+    let wider = NetConfig { width: 4, ..SMALL };
+    let e = err(&valid, wider);
+    assert!(
+        e.contains("encoder.0.weight has shape [3, 3, 7, 7]") && e.contains("--width"),
+        "{e}"
+    );
+    // A missing encoder tensor, in torchvision's names.
+    let mut tv: BTreeMap<String, Raw> = valid
+        .iter()
+        .filter_map(|(n, r)| Some((torchvision_name(n)?, r.clone())))
+        .collect();
+    tv.remove("layer2.1.bn1.weight");
+    let e = err(&tv, SMALL);
+    assert!(
+        e.contains("encoder.5.1.bn1.weight (layer2.1.bn1.weight"),
+        "{e}"
+    );
+    // A tensor of a deeper network.
+    let mut deeper = valid.clone();
+    let extra = deeper["encoder.4.0.conv1.weight"].clone();
+    deeper.insert("encoder.4.0.conv3.weight".into(), extra);
+    let e = err(&deeper, SMALL);
+    assert!(e.contains("encoder.4.0.conv3.weight is not part of"), "{e}");
+    // Neither naming.
+    let other: BTreeMap<String, Raw> =
+        [("weights".to_owned(), valid["encoder.0.weight"].clone())].into();
+    let e = err(&other, SMALL);
+    assert!(e.contains("neither the reference's names"), "{e}");
 }

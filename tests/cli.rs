@@ -295,7 +295,7 @@ fn inspect_describes_a_store_and_rejects_foreign_files() {
 }
 
 #[test]
-fn demo_runs_end_to_end_on_a_tiny_setting() {
+fn demo_compares_every_variant_over_seeds_and_continues_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo");
     let demo = [
@@ -303,6 +303,8 @@ fn demo_runs_end_to_end_on_a_tiny_setting() {
         "--out",
         arg(&out),
         "--compare",
+        "--seeds",
+        "2",
         "--patch-size",
         "24",
         "--crop",
@@ -315,41 +317,86 @@ fn demo_runs_end_to_end_on_a_tiny_setting() {
         "4",
         "--mil-epochs",
         "3",
+        "--eval-cells",
+        "12",
     ];
     let args = [&demo[..], &SMALL_PLAN_FLAGS].concat();
     let text = assert_succeeds(&slam(&args));
-    for variant in ["random-init", "simclr", "slam-no-surgery", "slam-ags"] {
-        for head in ["ABMIL", "PAMIL"] {
-            assert!(text.contains(&format!("| {variant} | {head} |")), "{text}");
+    let variants = [
+        "random-init",
+        "simclr",
+        "weak",
+        "slam-none",
+        "slam-ags",
+        "slam-ags@0.1",
+    ];
+    for variant in variants {
+        assert!(
+            text.contains(&format!("| {variant} | 2 |")),
+            "{variant}: {text}"
+        );
+        for seed in ["seed0", "seed1"] {
+            let files = ["model.safetensors", "instance.json", "mil/metrics.json"];
+            assert_files_exist(&out.join("runs/w0.2").join(seed).join(variant), &files);
         }
-        let files = [
-            "model.safetensors",
-            "test.embed.safetensors",
-            "mil/metrics.json",
-            "mil-pamil/metrics.json",
-            "mil-pamil/mil.safetensors",
-        ];
-        assert_files_exist(&out.join(variant), &files);
     }
-    assert!(out.join("slam-ags/run/plots/losses.png").exists());
+    assert!(text.contains("Paired differences against simclr"), "{text}");
+    assert!(
+        text.contains("Paired differences against random-init"),
+        "{text}"
+    );
+    assert!(
+        out.join("runs/w0.2/seed0/slam-ags/run/plots/losses.png")
+            .exists()
+    );
     let files = [
         "results.md",
-        "auc.png",
-        "retrieval.png",
+        "results.json",
+        "runs.jsonl",
+        "h_knn_auroc_w0.2.png",
+        "bag_auc_w0.2.png",
         "data/contact_sheet.png",
     ];
     assert_files_exist(&out, &files);
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    let rows = results["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 8, "four variants, each with both MIL heads");
-    for row in rows {
-        for key in ["f1", "accuracy", "auc", "retrieval_fraction"] {
-            let v = row[key].as_f64().unwrap_or_else(|| panic!("{key}: {row}"));
+    let runs = std::fs::read_to_string(out.join("runs.jsonl")).unwrap();
+    assert_eq!(runs.lines().count(), 12);
+    for line in runs.lines() {
+        let run: serde_json::Value = serde_json::from_str(line).unwrap();
+        for key in ["h.knn_auroc", "h.centroid_auroc", "z.knn_auroc", "bag.f1"] {
+            let v = run["metrics"][key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key}: {run}"));
             assert!((0.0..=1.0).contains(&v), "{key} = {v}");
         }
     }
-    assert_fails_with(&slam(&args), &["already holds demo results"]);
+
+    // Started again, it has nothing left to run; with other settings it refuses the folder.
+    let again = slam(&args);
+    assert_succeeds(&again);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("12 of 12 runs were done before"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("runs.jsonl")).unwrap(),
+        runs
+    );
+    let other = [&args[..], &["--lr", "0.1"]].concat();
+    assert_fails_with(&slam(&other), &["holds an experiment with other settings"]);
+    // The variants set the objective and surgery.
+    let surgery = [&args[..], &["--surgery", "pcgrad"]].concat();
+    assert_fails_with(&slam(&surgery), &["--surgery is set by each variant"]);
+    // Variants that do not parse are usage errors (exit status 2), named.
+    for (variant, needle) in [
+        ("slam-agz", "unknown variant slam-agz"),
+        ("simclr@0.1", "only the slam variants"),
+    ] {
+        let out = slam(&["experiment", "--out", arg(&out), "--variants", variant]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
 }
 
 #[test]

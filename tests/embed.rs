@@ -8,7 +8,9 @@ use common::{
 };
 use slam_ags::checkpoint;
 use slam_ags::data::PatchStore;
-use slam_ags::embed::{EmbedSettings, Embeddings, FeatureKind, embed};
+use slam_ags::embed::{
+    EmbedSettings, Embeddings, FeatureKind, embed, embed_kinds, recalibrate_batch_norm,
+};
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::mil::MilBag;
 use slam_ags::model::ModelState;
@@ -65,6 +67,126 @@ fn embeddings_do_not_depend_on_the_batching_and_round_trip() {
             .filter(|&&t| t)
             .count(),
         1
+    );
+}
+
+/// `embed_kinds` gives h and z from one pass, each equal to its own `embed`.
+#[test]
+fn both_kinds_from_one_pass_match_each_kind_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = PatchStore::open(&random_store(dir.path())).unwrap();
+    let state = tiny_model();
+    let settings = EmbedSettings {
+        kind: FeatureKind::Projector,
+        crop: 12,
+        batch: 7,
+    };
+    let kinds = [FeatureKind::Encoder, FeatureKind::Projector];
+    let both = embed_kinds(&CpuEngine, &state, &store, &kinds, settings, |_, _| {}).unwrap();
+    for (kind, got) in kinds.into_iter().zip(&both) {
+        let alone = embed(
+            &CpuEngine,
+            &state,
+            &store,
+            EmbedSettings { kind, ..settings },
+            |_, _| {},
+        );
+        assert_eq!(got, &alone.unwrap(), "{kind:?}");
+    }
+}
+
+/// Recomputed batch-norm statistics: over two passes they are the mean of the passes'
+/// statistics (the stem's running mean then equals one pass over every patch), and with them
+/// a random network's eval-mode features are its training-mode features on the same batch
+/// (up to the unbiased variance), which the initial statistics are far from.
+#[test]
+fn batch_norm_recalibration_gives_the_data_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = PatchStore::open(&random_store(dir.path())).unwrap();
+    let state = tiny_model();
+    let net = slam_ags::model::Network::new(state.config);
+    let settings = |batch| EmbedSettings {
+        kind: FeatureKind::Encoder,
+        crop: 12,
+        batch,
+    };
+    let one = recalibrate_batch_norm(&CpuEngine, &state, &store, settings(48)).unwrap();
+    let two = recalibrate_batch_norm(&CpuEngine, &state, &store, settings(24)).unwrap();
+    assert_eq!(two.params, state.params, "no weight changes");
+    assert!(
+        two.batches_tracked
+            .iter()
+            .all(|&c| c == state.batches_tracked[0] + 2)
+    );
+    let stem = net.bns().next().unwrap();
+    let mean = stem.running.start..stem.running.start + stem.channels;
+    for (a, b) in one.running[mean.clone()]
+        .iter()
+        .zip(&two.running[mean.clone()])
+    {
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-2), "{a} vs {b}");
+    }
+    assert!(
+        one.running[mean].iter().any(|&m| m.abs() > 1e-3),
+        "the mean moved"
+    );
+
+    let eval = |s: &ModelState| embed_on_cpu(s, &store, FeatureKind::Encoder, 48).features;
+    // Training-mode features of the whole store as one batch.
+    let mut running = state.running.clone();
+    let crops = embed_on_cpu(&state, &store, FeatureKind::Encoder, 48);
+    let input = {
+        use slam_ags::data::input::augment::{AugmentConfig, ViewJob, ViewParams, render_batch};
+        let augment = AugmentConfig {
+            crop: 12,
+            ..AugmentConfig::default()
+        };
+        let center = ViewParams::center(&augment, store.patch_size()).unwrap();
+        let jobs: Vec<ViewJob> = (0..48)
+            .map(|patch| ViewJob {
+                patch,
+                params: center,
+            })
+            .collect();
+        let mut images = vec![0.0; 48 * 3 * 12 * 12];
+        render_batch(
+            store.pixels(),
+            store.patch_size(),
+            &jobs,
+            &augment,
+            &mut images,
+        )
+        .unwrap();
+        slam_ags::engine::nchw_to_cnhw(&images, 48, 3, 12 * 12)
+    };
+    let acts = net
+        .forward_train(&CpuEngine, &state.params, &mut running, &input, 48, 12)
+        .unwrap();
+    let dim = crops.dim;
+    let train: Vec<f32> = (0..48)
+        .flat_map(|i| (0..dim).map(move |d| (i, d)))
+        .map(|(i, d)| acts.features[d * 48 + i])
+        .collect();
+    let err = |f: &[f32]| {
+        let num: f64 = f
+            .iter()
+            .zip(&train)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = train.iter().map(|b| (*b as f64).powi(2)).sum();
+        (num / den).sqrt()
+    };
+    let (calibrated, initial) = (err(&eval(&one)), err(&eval(&state)));
+    // The deepest batch norms see 48 values per channel here: the unbiased variance then
+    // scales each by sqrt(48/47), a few percent in all.
+    println!("eval against train features: recalibrated {calibrated:.4}, initial {initial:.4}");
+    assert!(
+        calibrated < 0.08,
+        "recalibrated eval features off by {calibrated:.3}"
+    );
+    assert!(
+        initial > 5.0 * calibrated,
+        "initial {initial:.3} vs {calibrated:.3}"
     );
 }
 
@@ -209,5 +331,77 @@ fn embed_then_mil_from_the_command_line() {
     assert!(
         !y.exists() && !z.exists(),
         "a refused command left its output folder"
+    );
+}
+
+/// `slam eval` on embeddings from `slam embed`: the report and its JSON, and clear refusals
+/// of embeddings that cannot be compared or carry no truth.
+#[test]
+fn eval_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = random_store(dir.path());
+    let model = dir.path().join("m.safetensors");
+    checkpoint::save(&model, &tiny_model()).unwrap();
+    let embed_as = |name: &str, features: &str| {
+        let out = dir.path().join(name);
+        let command = [
+            "embed",
+            arg(&model),
+            arg(&store),
+            "--out",
+            arg(&out),
+            "--crop",
+            "12",
+            "--features",
+            features,
+        ];
+        assert_succeeds(&slam(&command));
+        out
+    };
+    let h = embed_as("h.safetensors", "encoder");
+    let z = embed_as("z.safetensors", "projector");
+    let json = dir.path().join("eval.json");
+    let text = assert_succeeds(&slam(&[
+        "eval",
+        "--train",
+        arg(&h),
+        "--test",
+        arg(&h),
+        "--neighbours",
+        "3",
+        "--out",
+        arg(&json),
+    ]));
+    // random_store: 4 bags of 12, one abnormal cell in each abnormal bag.
+    assert!(text.contains("48 test cells (2 abnormal)"), "{text}");
+    assert!(
+        text.contains("probe AUROC") && text.contains("kNN"),
+        "{text}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["retrieval"]["k"], 2);
+    let auroc = report["knn_auroc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&auroc));
+
+    assert_fails_with(
+        &slam(&["eval", "--train", arg(&h), "--test", arg(&z)]),
+        &["same model and --features"],
+    );
+    assert_fails_with(
+        &slam(&["eval", "--train", arg(&h), "--test", arg(&store)]),
+        &["not a valid safetensors file"],
+    );
+    assert_fails_with(
+        &slam(&[
+            "eval",
+            "--train",
+            arg(&h),
+            "--test",
+            arg(&h),
+            "--out",
+            arg(&json),
+        ]),
+        &["exists; pass --force"],
     );
 }

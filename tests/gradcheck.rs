@@ -64,8 +64,9 @@ use slam_ags::engine::{
     LinearBackward, LinearForward, LossViews, MaxPool, ViewPair,
 };
 use slam_ags::model::network::{BnParams, ConvParams, LinearParams};
+use slam_ags::model::weak::bce;
 use slam_ags::model::{
-    Activations, ModelState, NetConfig, Network, StepBatch, StepConfig, Surgery, Trainer,
+    Activations, ModelState, NetConfig, Network, StepBatch, StepConfig, Surgery, Trainer, WeakHead,
 };
 
 /// Largest relative error accepted for one directional derivative.
@@ -516,6 +517,21 @@ fn reference_forward(
     batch: usize,
     crop: usize,
 ) -> (Vec<f64>, Vec<u32>) {
+    let (features, mut pattern) = reference_features(net, params, running, input, batch, crop);
+    let hidden = direct_linear(&net.proj_hidden, params, &features, true, &mut pattern);
+    let z = direct_linear(&net.proj_out, params, &hidden, false, &mut pattern);
+    (z, pattern)
+}
+
+/// [`reference_forward`] up to the encoder's output h (`[feature_dim, batch]`).
+fn reference_features(
+    net: &Network,
+    params: &[f64],
+    running: Option<&[f64]>,
+    input: &[f32],
+    batch: usize,
+    crop: usize,
+) -> (Vec<f64>, Vec<u32>) {
     let mut pattern = Vec::new();
     let stem = (&net.stem_conv, &net.stem_bn);
     let input = to_f64(input);
@@ -577,9 +593,7 @@ fn reference_forward(
         .chunks(h * w)
         .map(|p| p.iter().sum::<f64>() / (h * w) as f64)
         .collect();
-    let hidden = direct_linear(&net.proj_hidden, params, &features, true, &mut pattern);
-    let z = direct_linear(&net.proj_out, params, &hidden, false, &mut pattern);
-    (z, pattern)
+    (features, pattern)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1586,4 +1600,91 @@ fn every_output_is_written_before_it_is_read() {
         .unwrap();
     finite("features", &acts.features);
     finite("embeddings", &acts.z);
+}
+
+/// The weak baseline's encoder gradient (`g1` of `weak_step`) against its loss through the
+/// f64 reference (the mean over both views of the binary cross-entropy of `w . h + b` with
+/// each patch's slide label), and the classifier's own gradient against f64 differences.
+#[test]
+fn gradcheck_weak_baseline() {
+    let config = net(4, [1, 1, 1, 1], 8);
+    let (net, state) = random_state(config, 171);
+    let (n, abnormal, crop) = (5, 2, 20);
+    let host = HostBatch::random(n, 0, crop, 172);
+    let batch = StepBatch::upload(&ENG, &host).unwrap();
+    let cfg = StepConfig::default();
+    let mut head = WeakHead::init(config.feature_dim(), 173).unwrap();
+    let mut trainer = Trainer::new(&ENG, &state).unwrap();
+    trainer
+        .weak_step(&ENG, &batch, abnormal, &mut head, &cfg, 0.1)
+        .unwrap();
+    // The second step's gradients, at the parameters and head the first left.
+    let params = trainer.params.clone();
+    let before = head.clone();
+    let report = trainer
+        .weak_step(&ENG, &batch, abnormal, &mut head, &cfg, 0.1)
+        .unwrap();
+    assert!(
+        trainer.g2.iter().all(|&g| g == 0.0),
+        "the weak step leaves g2 at zero"
+    );
+    assert_ne!(head.weights, before.weights, "the head was not updated");
+
+    let dim = config.feature_dim();
+    let loss = |p: &[f64], w: &[f64]| -> Eval {
+        let mut pattern = Vec::new();
+        let mut value = 0.0;
+        for view in [&batch.pos_i, &batch.pos_j] {
+            let (h, kinks) = reference_features(&net, p, None, view, n, crop);
+            pattern.extend(kinks);
+            for i in 0..n {
+                let f = (0..dim).map(|d| w[d] * h[d * n + i]).sum::<f64>() + w[dim];
+                value += bce(f, i < abnormal) / (2 * n) as f64;
+            }
+        }
+        Eval { value, pattern }
+    };
+    let want = loss(&to_f64(&params), &before.weights).value;
+    assert!(
+        (report.loss as f64 - want).abs() <= 1e-4 * want,
+        "weak loss {} vs reference {want}",
+        report.loss
+    );
+    // The head: central differences in f64, coordinate by coordinate.
+    let params64 = to_f64(&params);
+    for k in 0..=dim {
+        let step = 1e-5;
+        let mut plus = before.weights.clone();
+        let mut minus = before.weights.clone();
+        plus[k] += step;
+        minus[k] -= step;
+        let fd = (loss(&params64, &plus).value - loss(&params64, &minus).value) / (2.0 * step);
+        let an = head.grad[k];
+        // The analytic side takes h from the engine's f32 forward pass.
+        assert!(
+            (fd - an).abs() <= 1e-3 * fd.abs().max(1e-3),
+            "head gradient {k}: analytic {an}, finite difference {fd}"
+        );
+    }
+    // The encoder, along g1's direction, a random one and a few tensors' own.
+    let scale = param_scale(&net, &params);
+    let mut rng = rng(174);
+    let grad = &trainer.g1;
+    let mut dirs = embed(directions(&mut rng, grad, 1, 0), 0..grad.len(), &scale);
+    for tensor in [
+        "encoder.0.weight",
+        "encoder.4.0.conv2.weight",
+        "encoder.7.0.bn2.bias",
+    ] {
+        let range = net.param(tensor).unwrap().range();
+        let d = directions(&mut rng, &grad[range.clone()], 0, 0);
+        dirs.extend(embed(d, range, &scale));
+    }
+    let projector = net.param("projector.fc.0.weight").unwrap().range();
+    assert!(
+        grad[projector].iter().all(|&g| g == 0.0),
+        "the projector is not trained"
+    );
+    let f = |p: &[f64]| loss(p, &before.weights);
+    check_f64("weak baseline g1", &params, grad, NET_STEP, &dirs, f);
 }

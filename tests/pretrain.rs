@@ -95,11 +95,23 @@ fn a_run_writes_metrics_checkpoints_and_a_loadable_model() {
 
 #[test]
 fn resuming_gives_bit_identical_parameters() {
+    resume_case(Objective::Slam);
+}
+
+/// The weak baseline's classifier travels in the checkpoints: a resumed run is the
+/// uninterrupted one.
+#[test]
+fn resuming_the_weak_baseline_gives_bit_identical_parameters() {
+    resume_case(Objective::Weak);
+}
+
+fn resume_case(objective: Objective) {
     let dir = tempfile::tempdir().unwrap();
     let store = random_store(dir.path());
     let straight = dir.path().join("straight");
     let config = PretrainConfig {
         max_steps: Some(8),
+        objective,
         ..tiny_config(store)
     };
     let want = Run::create(&CpuEngine, &straight, config.clone())
@@ -157,6 +169,112 @@ fn simclr_trains_the_contrastive_task_alone() {
         assert_eq!(m["combination"]["fired"], false);
         assert!(m["loss_contrastive"].as_f64().unwrap() > 0.0);
     }
+}
+
+#[test]
+fn the_weak_baseline_trains_the_encoder_on_slide_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = PretrainConfig {
+        objective: Objective::Weak,
+        max_steps: Some(3),
+        ..tiny_config(random_store(dir.path()))
+    };
+    let out = dir.path().join("run");
+    let start = config.initial_state().unwrap().0;
+    let end = Run::create(&CpuEngine, &out, config)
+        .unwrap()
+        .train(&CpuEngine, &mut Quiet)
+        .unwrap();
+    for m in lines(&out.join("metrics.jsonl")) {
+        assert_eq!(
+            (m["loss_contrastive"].as_f64(), m["loss_cohesion"].as_f64()),
+            (Some(0.0), Some(0.0))
+        );
+        assert_eq!(m["combination"]["norm_g2"], 0.0);
+        assert!(m["loss"].as_f64().unwrap() > 0.0, "{m}");
+    }
+    let net = slam_ags::model::Network::new(end.config);
+    let moved = |name: &str| {
+        let r = net.param(name).unwrap().range();
+        end.params[r.clone()] != start.params[r]
+    };
+    assert!(moved("encoder.0.weight"), "the encoder was not trained");
+    let checkpoint = out.join("checkpoints/step-00000003/state.safetensors");
+    let file = checkpoint::TensorFile::open(&checkpoint).unwrap();
+    assert!(file.names().contains(&"weak_head.weights".to_owned()));
+}
+
+/// `init` starts a run from given weights, recorded in its config (and so on resume).
+#[test]
+fn a_run_starts_from_init_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_config(random_store(dir.path()));
+    let mut weights = slam_ags::model::ModelState::init(base.net().unwrap(), 77).unwrap();
+    weights.params.iter_mut().for_each(|p| *p *= 0.5);
+    let file = dir.path().join("init.safetensors");
+    checkpoint::save(&file, &weights).unwrap();
+    let config = PretrainConfig {
+        init: Some(file.clone()),
+        max_steps: Some(1),
+        ..base
+    };
+    let out = dir.path().join("run");
+    let run = Run::create(&CpuEngine, &out, config.clone()).unwrap();
+    // Every parameter and running-statistics tensor of the network came from the file.
+    let net = slam_ags::model::Network::new(weights.config);
+    let loaded = run.init_report.as_ref().unwrap().loaded;
+    assert_eq!(loaded, net.params.len() + net.running.len());
+    assert_eq!(config.initial_state().unwrap().0, weights);
+    let toml = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(toml.contains("init = "), "{toml}");
+}
+
+/// Counts what the collapse guard reports.
+#[derive(Default)]
+struct Collapses(Vec<u64>);
+
+impl slam_ags::pretrain::Observer for Collapses {
+    fn collapsing(&mut self, step: u64, message: &str) {
+        assert!(message.contains("--cohesion-weight"), "{message}");
+        self.0.push(step);
+    }
+}
+
+/// A cohesion task weighted far above the contrastive one pulls every embedding to one point:
+/// the guard says so, at most once per epoch, and names the remedy; the same run at a small
+/// cohesion weight stays spread out far longer.
+#[test]
+fn the_collapse_guard_names_the_remedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = random_store(dir.path());
+    let run = |name: &str, cohesion_weight: f32| {
+        let mut config = PretrainConfig {
+            epochs: 4,
+            ..tiny_config(store.clone())
+        };
+        config.step.cohesion_weight = cohesion_weight;
+        let mut seen = Collapses::default();
+        Run::create(&CpuEngine, &dir.path().join(name), config)
+            .unwrap()
+            .train(&CpuEngine, &mut seen)
+            .unwrap();
+        seen.0
+    };
+    let collapsed = run("heavy", 100.0);
+    assert!(!collapsed.is_empty(), "no collapse reported");
+    let epochs: Vec<u64> = collapsed.iter().map(|s| s / 6).collect();
+    let mut distinct = epochs.clone();
+    distinct.dedup();
+    assert_eq!(
+        epochs, distinct,
+        "more than one report in an epoch: {collapsed:?}"
+    );
+    // This tiny network on noise collapses in the end whatever the weights; the heavy
+    // cohesion task gets it there in the first epoch, the light one not in the first three.
+    let light = run("light", 0.01);
+    println!("collapse reported at steps {collapsed:?} (heavy), {light:?} (light)");
+    assert!(collapsed[0] < 6, "heavy: {collapsed:?}");
+    assert!(light.iter().all(|&s| s >= 18), "light: {light:?}");
 }
 
 #[test]

@@ -13,11 +13,12 @@ mod common;
 use common::in_pool;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use slam_ags::data::input::batch::HostBatch;
 use slam_ags::engine::GradDots;
 use slam_ags::engine::cpu::CpuEngine;
 use slam_ags::engine::prelude::*;
-use slam_ags::model::Surgery;
 use slam_ags::model::surgery::Combination;
+use slam_ags::model::{ModelState, StepBatch, StepConfig, Surgery, Trainer};
 
 /// The method's epsilon (docs/METHOD.md section 5, Gradient surgery).
 const EPS: f64 = 1e-10;
@@ -472,4 +473,118 @@ fn combine_grads_is_the_elementwise_combination() {
             .is_err()
     );
     assert!(CpuEngine.grad_dots(&g1, &g2[1..]).is_err());
+}
+
+/// The task weights: the surgery of `StepConfig::combine` acts on `l1 g1` and `l2 g2`, and its
+/// coefficients applied to the raw gradients give the same vector as the surgery applied to
+/// the weighted vectors themselves, for every mode, conflicting or not.
+#[test]
+fn task_weights_scale_the_gradients_before_the_surgery() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for case in 0..40 {
+        let g1 = random_vec(&mut rng, 50);
+        let g2 = random_vec(&mut rng, 50);
+        let (l1, l2) = (
+            rng.random_range(0.01..3.0f32),
+            rng.random_range(0.01..3.0f32),
+        );
+        for mode in MODES {
+            let cfg = StepConfig {
+                surgery: mode,
+                contrastive_weight: l1,
+                cohesion_weight: l2,
+                ..StepConfig::default()
+            };
+            let got = apply(&cfg.combine(dots_of(&g1, &g2)), &g1, &g2);
+            let w1: Vec<f64> = g1.iter().map(|v| v * l1 as f64).collect();
+            let w2: Vec<f64> = g2.iter().map(|v| v * l2 as f64).collect();
+            let want = reference(mode, &w1, &w2);
+            assert!(
+                dist(&got, &want) <= 1e-12 * norm(&want),
+                "case {case}, {mode}, weights ({l1}, {l2}): off by {}",
+                dist(&got, &want)
+            );
+        }
+    }
+}
+
+/// Through a whole training step: with no surgery the combined gradient is exactly
+/// `l1 g1 + l2 g2` of the step's own task gradients, a zero weight removes its task, the
+/// reported weighted loss is `l1 L1 + l2 L2`, and weights of 1 change no bit.
+#[test]
+fn task_weights_reach_the_update() {
+    let config = common::net(4, [1, 1, 1, 1], 8);
+    let state = ModelState::init(config, 5).unwrap();
+    let host = HostBatch::random(4, 4, 16, 6);
+    let eng = CpuEngine;
+    let batch = StepBatch::upload(&eng, &host).unwrap();
+    let step = |cfg: StepConfig| {
+        let mut trainer = Trainer::new(&eng, &state).unwrap();
+        let mut combined = vec![f32::NAN; trainer.net.param_len()];
+        let report = in_pool(2, || {
+            trainer
+                .step(&eng, &batch, &cfg, 0.01, Some(&mut combined))
+                .unwrap()
+        });
+        (
+            report,
+            trainer.g1.clone(),
+            trainer.g2.clone(),
+            combined,
+            trainer.params,
+        )
+    };
+    let plain = StepConfig {
+        surgery: Surgery::None,
+        ..StepConfig::default()
+    };
+    let (l1, l2) = (0.5f32, 0.1f32);
+    let (report, g1, g2, combined, _) = step(StepConfig {
+        contrastive_weight: l1,
+        cohesion_weight: l2,
+        ..plain
+    });
+    for i in 0..g1.len() {
+        assert_eq!(combined[i], l1 * g1[i] + l2 * g2[i], "element {i}");
+    }
+    let want = l1 * report.loss_contrastive + l2 * report.loss_cohesion;
+    assert_eq!(report.loss, want);
+
+    let (_, g1, _, combined, _) = step(StepConfig {
+        cohesion_weight: 0.0,
+        ..plain
+    });
+    assert_eq!(combined, g1, "a zero cohesion weight leaves g1 alone");
+
+    let reference = step(StepConfig::default());
+    let ones = step(StepConfig {
+        contrastive_weight: 1.0,
+        cohesion_weight: 1.0,
+        ..StepConfig::default()
+    });
+    assert_eq!(reference.3, ones.3);
+    assert_eq!(reference.4, ones.4);
+}
+
+#[test]
+fn bad_task_weights_are_refused_by_name() {
+    for (cfg, name) in [
+        (
+            StepConfig {
+                cohesion_weight: -0.1,
+                ..StepConfig::default()
+            },
+            "cohesion_weight",
+        ),
+        (
+            StepConfig {
+                contrastive_weight: f32::NAN,
+                ..StepConfig::default()
+            },
+            "contrastive_weight",
+        ),
+    ] {
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains(name), "{err}");
+    }
 }

@@ -10,7 +10,11 @@ use slam_ags::data::build::plan::{BagPlanConfig, Cell, plan_bags};
 use slam_ags::data::build::synth::{SynthConfig, patch_id, write_dataset};
 
 fn synth(patch_size: usize, seed: u64) -> SynthConfig {
-    SynthConfig { patch_size, seed }
+    SynthConfig {
+        patch_size,
+        seed,
+        eval_cells: 0,
+    }
 }
 
 fn plan(seed: u64) -> BagPlanConfig {
@@ -112,6 +116,59 @@ fn stores_hold_the_planned_bags_with_exact_witness_rates_and_true_instances() {
         }
     }
     assert_eq!(seen, plan.bags * plan.bag_size);
+}
+
+/// The evaluation store: the requested cells of each class, in class-pure bags labelled by
+/// their class, each with its truth, none of them a cell of the plan's bags.
+#[test]
+fn eval_cells_are_held_out_and_class_pure() {
+    let dir = tempfile::tempdir().unwrap();
+    let synth = SynthConfig {
+        eval_cells: 130,
+        ..synth(16, 4)
+    };
+    let plan = plan(4);
+    let mut done = 0;
+    let data = write_dataset(&synth, &plan, dir.path(), false, &mut |n| done += n).unwrap();
+    assert_eq!(done, plan.bags * plan.bag_size + 2 * 130);
+    let summary = data.cells.expect("an evaluation store");
+    assert_eq!((summary.patches, summary.abnormal_instances), (260, 130));
+    let cells = PatchStore::open(&data.paths.cells).unwrap();
+    let names: Vec<&str> = cells.bags().iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "eval_normal_000",
+            "eval_normal_001",
+            "eval_abnormal_000",
+            "eval_abnormal_001"
+        ]
+    );
+    let mut planned_pixels = std::collections::HashSet::new();
+    for file in ["train.patches", "test.patches"] {
+        let store = PatchStore::open(&dir.path().join(file)).unwrap();
+        for i in 0..store.len() {
+            planned_pixels.insert(store.patch(i).to_vec());
+        }
+    }
+    for bag in cells.bags() {
+        for i in bag.patches.clone() {
+            assert_eq!(
+                cells.instance(i),
+                Some(bag.label.is_abnormal()),
+                "{}",
+                bag.name
+            );
+            assert!(
+                !planned_pixels.contains(cells.patch(i)),
+                "cell {i} of {} is also in a bag",
+                bag.name
+            );
+        }
+    }
+    // A dataset written again without evaluation cells drops the old store.
+    write(dir.path(), &self::synth(16, 4), &plan, false);
+    assert!(!data.paths.cells.exists());
 }
 
 /// Per-patch statistics of a square patch: mean of each channel, and the share of the

@@ -1,32 +1,33 @@
 //! `slam demo`: the whole method on synthetic data, no download (`pipeline::demo`).
 
-use std::path::Path;
-
 use anyhow::Result;
-use clap::Args;
+use clap::{ArgMatches, Args};
 
 use super::args::{EngineArgs, with_engine};
-use super::mil::print_evaluation;
-use super::progress::Progress;
+use super::experiment::{print_results, refuse_variant_flags};
+use super::progress::GridConsole;
 use crate::engine::cuda::MatmulMode;
 use crate::feed::ViewSettings;
-use crate::mil::Evaluation;
-use crate::pipeline::demo::{DemoConfig, DemoObserver};
-use crate::pretrain::Observer;
+use crate::pipeline::demo::{DEMO_NOTE, DemoConfig};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   slam demo                                  SLAM-AGS end to end into ./slam-demo
-  slam demo --compare --out demo-compare     random init, SimCLR, SLAM without surgery, SLAM-AGS
-  slam demo --epochs 20 --bags 40            longer and bigger
-  slam demo --surgery pcgrad --compare       ... and SLAM with PCGrad beside them
+  slam demo --compare --out demo-compare     the baselines and ablations beside it
+  slam demo --compare --seeds 3              ... over 3 seeds: mean, spread, paired differences
+  slam demo --variants slam-ags,slam-ags@0.1 the reference's task weights against the demo's
+  slam demo --epochs 20 --bags 200           longer and bigger
 
-Everything is written under --out: data/ (the synthetic stores and a contact sheet of the
-cells), one folder per variant (the pretraining run, the embeddings, the MIL reports) and
-results.md / results.json with the table, auc.png and retrieval.png. Retrieval counts abnormal
-cells among the K most attended patches of each abnormal bag, with K the number of abnormal
-cells per bag. Every pretraining flag applies (at the demo's small defaults); --objective and
---surgery choose the main variant.")]
+Everything is written under --out: data/ (the synthetic stores of the current seed, and a
+contact sheet of the cells), runs/w<rate>/seed<seed>/<variant>/ (the pretraining run, the
+model, the cell-level report instance.json, the MIL reports), runs.jsonl (one line per
+finished run), results.md and results.json (the tables), and a chart per metric. Started again
+with the same settings it continues where it stopped; --force starts over.
+
+Cell level: AUROC of abnormal against normal held-out cells by the distance to the training
+cells of normal bags (kNN, centroid; no labels), and by a linear probe (a diagnostic that
+sees cell labels), on the encoder's h and the projector's z. Bag level: gated-attention MIL
+on z, retrieval = abnormal cells among each abnormal bag's K most attended patches.")]
 pub struct DemoArgs {
     #[command(flatten)]
     pub config: DemoConfig,
@@ -36,33 +37,13 @@ pub struct DemoArgs {
     pub views: ViewSettings,
 }
 
-/// Stages on stderr, a progress bar per pretraining run, each variant's metrics on stdout.
-struct Console;
-
-impl DemoObserver for Console {
-    fn stage(&mut self, message: &str) {
-        eprintln!("{message}");
-    }
-
-    fn pretraining(&mut self, _variant: &str) -> Box<dyn Observer> {
-        Box::new(Progress::new())
-    }
-
-    fn evaluated(&mut self, _variant: &str, dir: &Path, evaluation: &Evaluation) {
-        print_evaluation(dir, evaluation);
-    }
-}
-
-pub fn run(args: &DemoArgs) -> Result<()> {
+pub fn run(args: &DemoArgs, matches: &ArgMatches) -> Result<()> {
+    refuse_variant_flags(matches)?;
     args.engine.check_views(&args.views)?;
     let results = with_engine!(args.engine, MatmulMode::Tf32, |eng| {
-        args.config.run(eng, &args.views, &mut Console)
+        args.config.run(eng, &args.views, &mut GridConsole::new())
     })?;
-    println!("\n{}", results.table);
-    println!(
-        "total {:.0} s; contact sheet of the cells: {}",
-        results.seconds,
-        results.data.paths.contact_sheet.display()
-    );
+    print_results(&results);
+    println!("\n{DEMO_NOTE}");
     Ok(())
 }

@@ -7,6 +7,8 @@ mod bench;
 mod demo;
 mod dump_step;
 mod embed;
+mod eval;
+mod experiment;
 mod init;
 mod inspect;
 mod mil;
@@ -28,7 +30,8 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
     about = "SLAM-AGS pretraining: slide-label aware multi-task learning with adaptive gradient surgery",
     after_help = "Examples:
   slam demo                                         everything on synthetic data, in minutes
-  slam demo --compare                               ... with the paper's ablations side by side
+  slam demo --compare                               ... with the baselines and ablations side by side
+  slam experiment --out study --seeds 5             variants over seeds: mean, spread, paired tests
 
   slam synth --out data/synth --patch-size 64       a synthetic cytology dataset (bags of cells)
   slam pack slides/ --out slides.patches            image folders (one per bag) to a patch store
@@ -39,6 +42,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
   slam pretrain data/train.patches --out runs/a     pretrain (checkpoints, metrics, resume)
   slam embed runs/a data/test.patches --out test.embed.safetensors
   slam mil train train.embed.safetensors --test test.embed.safetensors --out mil/
+  slam eval --train train.embed.safetensors --test test.embed.safetensors   cell-level AUROC
 
   slam init --out model.safetensors                 a fresh ResNet-18 + projector
   slam dump-step --out step.safetensors             one step, every tensor, for cross-checks
@@ -72,6 +76,10 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Embed every patch of a store with a trained model.
     Embed(embed::EmbedArgs),
+    /// Compare variants over seeds and witness rates: cell- and bag-level metrics, spread, paired differences.
+    Experiment(experiment::ExperimentArgs),
+    /// Instance-level evaluation of embeddings: linear probe, anomaly scores, retrieval, spread.
+    Eval(eval::EvalArgs),
     /// Multiple-instance learning on embedded bags: gated attention (ABMIL) or PAMIL.
     #[command(subcommand)]
     Mil(mil::MilCommand),
@@ -93,24 +101,28 @@ fn run(cli: &Cli, matches: &ArgMatches) -> Result<()> {
             .context("cannot start the worker threads")?;
     }
     match &cli.command {
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(args, subcommand(matches, "demo")),
+        Command::Experiment(args) => experiment::run(args, subcommand(matches, "experiment")),
         Command::Synth(args) => synth::run(args),
         Command::Pack(args) => pack::run(args),
         Command::Bags(args) => bags::run(args),
         Command::Tile(args) => tile::run(args),
         Command::Inspect(args) => inspect::run(args),
-        Command::Pretrain(args) => {
-            let sub = matches
-                .subcommand_matches("pretrain")
-                .expect("the pretrain command");
-            pretrain::run(args, sub)
-        }
+        Command::Pretrain(args) => pretrain::run(args, subcommand(matches, "pretrain")),
         Command::Embed(args) => embed::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Mil(cmd) => mil::run(cmd),
         Command::Init(args) => init::run(args),
         Command::DumpStep(args) => dump_step::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
+}
+
+/// The matches of the subcommand `name` (which the parsed command says was given).
+fn subcommand<'a>(matches: &'a ArgMatches, name: &str) -> &'a ArgMatches {
+    matches
+        .subcommand_matches(name)
+        .unwrap_or_else(|| unreachable!("the {name} command was parsed"))
 }
 
 /// Runs the command line; errors are printed with their causes and give exit status 1.

@@ -20,9 +20,13 @@ use crate::pretrain::{self, PretrainConfig, Run, Start};
   slam pretrain --resume runs/slam --max-steps 20000       ... and go further
   slam pretrain data/train.patches --out runs/gpu --device cuda          on an NVIDIA GPU
   slam pretrain data/train.patches --out runs/gpu --device cuda --matmul bf16 --residency streamed
+  slam pretrain data/train.patches --out runs/w --cohesion-weight 0.1     task weights l1, l2
+  slam pretrain data/train.patches --out runs/weak --objective weak      the weak baseline
+  slam pretrain data/train.patches --out runs/in --init resnet18-imagenet.safetensors
+                                     start from torchvision ResNet-18 weights (safetensors)
 
 Defaults are the reference's: ResNet-18, out_dim 512, batch 256, 150 epochs (10 warm-up),
-lr 1e-3, momentum 0.9, weight decay 1e-4, temperature 0.07, crop 224. A TOML config takes
+lr 1e-3, momentum 0.9, weight decay 1e-4, temperature 0.07, crop 224, task weights 1 and 1. A TOML config takes
 the same names as the flags (with _ for -); flags override it. The run folder gets
 config.toml, metrics.jsonl (one line per step), epochs.jsonl, checkpoints/ and, at the end,
 model.safetensors (the reference state_dict: load_state_dict(..., strict=True) takes it).
@@ -114,6 +118,27 @@ pub fn run(args: &PretrainArgs, matches: &ArgMatches) -> Result<()> {
         let mut run = Run::start(eng, start)?;
         if resuming {
             eprintln!("resuming {} at step {}", run.dir.display(), run.step());
+        }
+        if let (Some(init), Some(path)) = (&run.init_report, &run.config.init) {
+            eprintln!(
+                "starting from {} ({:?} names): {} tensors loaded{}{}",
+                path.display(),
+                init.naming,
+                init.loaded,
+                if init.kept.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", {} kept at their random start (the projector)",
+                        init.kept.len()
+                    )
+                },
+                if init.ignored.is_empty() {
+                    String::new()
+                } else {
+                    format!(", ignored: {}", init.ignored.join(" "))
+                }
+            );
         }
         let state = run.train_fed(eng, &args.views, &mut progress)?;
         (run, state)

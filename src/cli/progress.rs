@@ -59,8 +59,9 @@ impl Observer for Progress {
     fn step(&mut self, log: &StepLog) {
         let r = &log.report;
         self.bar.set_message(format!(
-            "epoch {} | contrastive {:.4} cohesion {:.4} | cos {:+.3}{} | {:.1} img/s",
+            "epoch {} | loss {:.4}: contrastive {:.4} cohesion {:.4} | cos {:+.3}{} | {:.1} img/s",
             log.epoch,
+            r.loss,
             r.loss_contrastive,
             r.loss_cohesion,
             r.combination.cosine,
@@ -77,8 +78,9 @@ impl Observer for Progress {
     fn epoch(&mut self, log: &EpochLog) {
         // println is dropped when the bar is hidden (stderr not a terminal); suspend is not.
         self.bar.suspend(|| eprintln!(
-            "epoch {:>4}: contrastive {:.4}, cohesion {:.4}, mean cosine {:+.3}, surgery on {:.0}% of steps, {:.1} img/s",
+            "epoch {:>4}: loss {:.4} (contrastive {:.4}, cohesion {:.4}), mean cosine {:+.3}, surgery on {:.0}% of steps, {:.1} img/s",
             log.epoch,
+            log.loss,
             log.loss_contrastive,
             log.loss_cohesion,
             log.cosine,
@@ -105,5 +107,105 @@ impl Drop for Progress {
     /// A run's bar leaves no trace behind when its observer goes (the demo runs several).
     fn drop(&mut self) {
         self.bar.finish_and_clear();
+    }
+}
+
+/// The console of an experiment (and of the demo): a bar over the whole grid of runs, each
+/// run's pretraining bar under it, and each run's results as it finishes.
+pub struct GridConsole {
+    multi: indicatif::MultiProgress,
+    grid: ProgressBar,
+}
+
+impl GridConsole {
+    pub fn new() -> Self {
+        let multi = indicatif::MultiProgress::new();
+        let style = ProgressStyle::with_template(
+            "{prefix} [{bar:25}] {pos}/{len} runs {elapsed_precise} (eta {eta}) {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> ");
+        let grid = multi.add(
+            ProgressBar::new(0)
+                .with_style(style)
+                .with_prefix("experiment"),
+        );
+        Self { multi, grid }
+    }
+
+    /// Prints a line above the bars.
+    fn line(&self, text: &str) {
+        self.multi.suspend(|| eprintln!("{text}"));
+    }
+}
+
+impl Default for GridConsole {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl crate::pipeline::experiment::ExperimentObserver for GridConsole {
+    fn started(&mut self, runs: usize, done: usize) {
+        self.grid.set_length(runs as u64);
+        self.grid.set_position(done as u64);
+        self.grid.reset_eta();
+        if done > 0 {
+            self.line(&format!(
+                "{done} of {runs} runs were done before: continuing"
+            ));
+        }
+    }
+
+    fn stage(&mut self, message: &str) {
+        self.grid
+            .set_message(message.trim_start_matches("== ").to_owned());
+        self.line(message);
+    }
+
+    fn pretraining(&mut self, _label: &str) -> Box<dyn Observer> {
+        let progress = Progress::new();
+        self.multi.add(progress.bar.clone());
+        Box::new(progress)
+    }
+
+    fn finished(
+        &mut self,
+        result: &crate::pipeline::experiment::RunResult,
+        dir: &Path,
+        instance: &[crate::eval::InstanceReport],
+    ) {
+        let mut text = String::new();
+        for report in instance {
+            text.push_str(&super::eval::render(report));
+        }
+        let m = &result.metrics;
+        let get = |k: &str| {
+            m.get(k)
+                .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.3}"))
+        };
+        text.push_str(&format!(
+            "bags (MIL on z): F1 {}, accuracy {}, AUC {}, retrieval {}; pretraining {:.0} s{}; \
+             files: {}",
+            get("bag.f1"),
+            get("bag.accuracy"),
+            get("bag.auc"),
+            get("bag.retrieval"),
+            result.pretrain_seconds,
+            if result.collapse_warnings > 0 {
+                format!(", COLLAPSE warned {} times", result.collapse_warnings)
+            } else {
+                String::new()
+            },
+            dir.display()
+        ));
+        self.line(&text);
+        self.grid.inc(1);
+    }
+}
+
+impl Drop for GridConsole {
+    fn drop(&mut self) {
+        self.grid.finish_and_clear();
     }
 }

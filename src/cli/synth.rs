@@ -20,6 +20,9 @@ use crate::data::build::synth::{SHEET_CELLS_PER_CLASS, SynthConfig, SynthPaths, 
       small patches for CPU runs, 4 abnormal cells in each abnormal bag
   slam synth --out data/look --bags 4 --bag-size 10 --png
       also PNG files in data/look/png/{train,test}/<bag>/<n>.png
+  slam synth --out data/eval --patch-size 64 --bags 96 --bag-size 50 --eval-cells 1500
+      also data/eval/cells.patches: 1500 normal and 1500 abnormal held-out cells for
+      `slam eval` (cell-level AUROC with thousands of test cells)
 
 Writes DIR/train.patches, DIR/test.patches and DIR/contact_sheet.png (normal cells in the
 top rows, abnormal ones below). Normal bags hold normal cells only; abnormal bags hold
@@ -38,6 +41,10 @@ pub struct SynthArgs {
     /// Seed of the bag plan and of every patch.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also write a store of held-out cells for instance-level evaluation (`slam eval`): this
+    /// many of each class, in class-pure bags, none of them in a training or test bag.
+    #[arg(long, default_value_t = 0)]
+    pub eval_cells: usize,
     /// Also write every patch as a PNG file.
     #[arg(long)]
     pub png: bool,
@@ -50,6 +57,7 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     let synth = SynthConfig {
         patch_size: args.patch_size,
         seed: args.seed,
+        eval_cells: args.eval_cells,
     };
     let plan = BagPlanConfig {
         seed: args.seed,
@@ -60,6 +68,9 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     plan.validate()?;
     let paths = SynthPaths::in_dir(&args.out);
     let mut outputs = vec![&paths.train, &paths.test, &paths.contact_sheet];
+    if args.eval_cells > 0 {
+        outputs.push(&paths.cells);
+    }
     if args.png {
         outputs.push(&paths.png);
     }
@@ -77,7 +88,10 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         bail!("{} {verb}; pass --force to replace", existing.join(" and "));
     }
 
-    let total = plan.bags.saturating_mul(plan.bag_size);
+    let total = plan
+        .bags
+        .saturating_mul(plan.bag_size)
+        .saturating_add(2 * args.eval_cells);
     let bar = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template("rendering [{bar:30}] {pos}/{len} patches, {per_sec}")?
             .progress_chars("=> "),
@@ -114,13 +128,16 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     };
     line("train", &dataset.paths.train, &dataset.train);
     line("test ", &dataset.paths.test, &dataset.test);
+    if let Some(cells) = &dataset.cells {
+        line("cells", &dataset.paths.cells, cells);
+    }
     println!(
         "  contact sheet {}: {SHEET_CELLS_PER_CLASS} normal cells above {SHEET_CELLS_PER_CLASS} abnormal ones",
         dataset.paths.contact_sheet.display()
     );
     if dataset.png {
         println!(
-            "  png {}/{{train,test}}/<bag>/<n>.png",
+            "  png {}/{{train,test,cells}}/<bag>/<n>.png",
             dataset.paths.png.display()
         );
     }

@@ -69,7 +69,12 @@ impl Standardizer {
     /// Mean and standard deviation of every feature over all instances of `bags`
     /// (a constant feature gets std 1).
     pub fn fit(bags: &[MilBag], dim: usize) -> Self {
-        let rows = || bags.iter().flat_map(|b| b.features.chunks_exact(dim));
+        Self::fit_rows(bags.iter().flat_map(|b| b.features.chunks_exact(dim)), dim)
+    }
+
+    /// Mean and standard deviation of every feature over `rows` of `dim` values.
+    pub fn fit_rows<'a>(rows: impl Iterator<Item = &'a [f64]> + Clone, dim: usize) -> Self {
+        let rows = || rows.clone();
         let n = rows().count().max(1) as f64;
         let mut mean = vec![0.0; dim];
         for row in rows() {

@@ -9,6 +9,7 @@ mod passes;
 pub mod state;
 pub mod step;
 pub mod surgery;
+pub mod weak;
 
 pub use config::{NetConfig, NetSpec};
 pub use network::Network;
@@ -16,3 +17,4 @@ pub use passes::Activations;
 pub use state::ModelState;
 pub use step::{StepBatch, StepConfig, StepReport, Trainer};
 pub use surgery::Surgery;
+pub use weak::WeakHead;

@@ -33,8 +33,8 @@ struct Block<E: Engine> {
 
 /// How batch norm runs in a forward pass.
 enum Norm<'r, E: Engine> {
-    /// With the batch's statistics, updating the running ones.
-    Train(&'r mut E::Buf),
+    /// With the batch's statistics, updating the running ones at this momentum.
+    Train(&'r mut E::Buf, f32),
     /// With the running statistics (evaluation).
     Eval(&'r E::Buf),
 }
@@ -114,14 +114,17 @@ impl Network {
             channels: bn.channels,
             per_channel: batch * cs.out_h() * cs.out_w(),
             eps: BN_EPS,
-            momentum: BN_MOMENTUM,
+            momentum: match norm {
+                Norm::Train(_, momentum) => *momentum,
+                Norm::Eval(_) => BN_MOMENTUM,
+            },
         };
         let mut saved = eng.alloc(2 * bn.channels)?;
         let mut out = eng.alloc(bs.len())?;
         let affine = eng.view(params, bn.affine.clone());
         let residual = residual.map(|r| eng.all(r));
         let stats = match norm {
-            Norm::Train(running) => BnStats::Batch {
+            Norm::Train(running, _) => BnStats::Batch {
                 saved: eng.all_mut(&mut saved),
                 running: eng.view_mut(running, bn.running.clone()),
             },
@@ -199,11 +202,50 @@ impl Network {
         batch: usize,
         crop: usize,
     ) -> Result<Activations<'a, E>> {
+        self.train_pass(eng, params, running, input, (batch, crop), BN_MOMENTUM)
+    }
+
+    /// A training-mode forward pass kept only for what it does to `running`: each batch norm
+    /// moves its running statistics by `momentum` towards this batch's. At the k-th batch
+    /// (from 0) a momentum of `1 / (k + 1)` makes them the plain mean over the batches so far
+    /// (PyTorch's `momentum=None`): how [`crate::embed::recalibrate_batch_norm`] gives a
+    /// random network the statistics of the data.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_calibrate<E: Engine>(
+        &self,
+        eng: &E,
+        params: &E::Buf,
+        running: &mut E::Buf,
+        input: &E::Buf,
+        batch: usize,
+        crop: usize,
+        momentum: f32,
+    ) -> Result<()> {
+        self.train_pass(eng, params, running, input, (batch, crop), momentum)?;
+        Ok(())
+    }
+
+    fn train_pass<'a, E: Engine>(
+        &self,
+        eng: &E,
+        params: &E::Buf,
+        running: &mut E::Buf,
+        input: &'a E::Buf,
+        (batch, crop): (usize, usize),
+        momentum: f32,
+    ) -> Result<Activations<'a, E>> {
         ensure!(
             batch >= 2,
             "batch norm in training mode needs at least 2 images per pass, got {batch}"
         );
-        self.forward(eng, params, Norm::Train(running), input, batch, crop)
+        self.forward(
+            eng,
+            params,
+            Norm::Train(running, momentum),
+            input,
+            batch,
+            crop,
+        )
     }
 
     /// Evaluation-mode forward pass (PyTorch's `model.eval()`): batch norms use the running
@@ -365,7 +407,26 @@ impl Network {
                 dx: Some(eng.all_mut(&mut dfeatures)),
             },
         )?;
+        self.backward_features(eng, params, acts, dfeatures, grads)
+    }
 
+    /// Backward pass from `dh = dL/dh` (`[feature_dim, N]`, the encoder's output, bypassing
+    /// the projector): accumulates the encoder's `dL/dtheta` into `grads`.
+    pub fn backward_features<E: Engine>(
+        &self,
+        eng: &E,
+        params: &E::Buf,
+        acts: &Activations<'_, E>,
+        dfeatures: E::Buf,
+        grads: &mut E::Buf,
+    ) -> Result<()> {
+        let batch = acts.batch;
+        let dim = self.config.feature_dim();
+        ensure!(
+            eng.buf_len(&dfeatures) == dim * batch,
+            "the features' gradient holds {} values, expected {dim} x {batch}",
+            eng.buf_len(&dfeatures)
+        );
         let last = acts.blocks.last().map_or(&acts.pooled, |b| &b.second.out);
         let mut dout = eng.alloc(eng.buf_len(last))?;
         let avg = AvgPool {

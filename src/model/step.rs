@@ -11,6 +11,7 @@ use super::state::ModelState;
 use super::surgery::{Combination, Surgery};
 use crate::data::input::batch::HostBatch;
 use crate::engine::{Engine, GradDots, LossViews, SgdBuffers, SgdUpdate, ViewPair, nchw_to_cnhw};
+use crate::eval;
 
 /// The four views of one step, each `[3, n, crop, crop]` channel-major on the engine.
 pub struct StepBatch<E: Engine> {
@@ -63,6 +64,15 @@ pub struct StepConfig {
     /// Temperature of both losses.
     #[arg(long, default_value_t = StepConfig::default().temperature)]
     pub temperature: f32,
+    /// Weight l1 of the contrastive task, L = l1 L_contrastive + l2 L_cohesion: scales g1
+    /// before the surgery (the reference fixes it at 1).
+    #[arg(long, default_value_t = StepConfig::default().contrastive_weight)]
+    pub contrastive_weight: f32,
+    /// Weight l2 of the cohesion task: scales g2 before the surgery (the reference fixes it
+    /// at 1). Below 1 it keeps the cohesion gradient, the larger one at the start, from
+    /// collapsing the embeddings (docs/RESULTS.md).
+    #[arg(long, default_value_t = StepConfig::default().cohesion_weight)]
+    pub cohesion_weight: f32,
 }
 
 impl Default for StepConfig {
@@ -73,6 +83,8 @@ impl Default for StepConfig {
             momentum: 0.9,
             weight_decay: 1e-4,
             temperature: 0.07,
+            contrastive_weight: 1.0,
+            cohesion_weight: 1.0,
         }
     }
 }
@@ -105,6 +117,18 @@ impl StepConfig {
                 self.temperature > 0.0,
                 "positive",
             ),
+            (
+                "contrastive_weight",
+                self.contrastive_weight,
+                self.contrastive_weight >= 0.0,
+                "a finite non-negative number",
+            ),
+            (
+                "cohesion_weight",
+                self.cohesion_weight,
+                self.cohesion_weight >= 0.0,
+                "a finite non-negative number",
+            ),
         ];
         for (name, value, ok, want) in floats {
             ensure!(
@@ -113,6 +137,32 @@ impl StepConfig {
             );
         }
         Ok(())
+    }
+
+    /// The combination `g = alpha g1 + beta g2` of the raw task gradients: the surgery acts
+    /// on the weighted gradients `l1 g1` and `l2 g2` (their inner products are the raw ones
+    /// times `l1^2`, `l1 l2`, `l2^2`), and its coefficients are carried back to the raw
+    /// gradients, `alpha = l1 alpha'`, `beta = l2 beta'`. No pass over the gradients; with
+    /// both weights 1 every number is unchanged. The combination's norms are the weighted
+    /// gradients'.
+    pub fn combine(&self, dots: GradDots) -> Combination {
+        let (l1, l2) = (self.contrastive_weight as f64, self.cohesion_weight as f64);
+        let weighted = GradDots {
+            g1g2: dots.g1g2 * l1 * l2,
+            g1g1: dots.g1g1 * l1 * l1,
+            g2g2: dots.g2g2 * l2 * l2,
+        };
+        let c = self.surgery.combine(weighted);
+        Combination {
+            alpha: c.alpha * l1,
+            beta: c.beta * l2,
+            ..c
+        }
+    }
+
+    /// The weighted objective `l1 L_contrastive + l2 L_cohesion`.
+    pub fn weighted_loss(&self, contrastive: f32, cohesion: f32) -> f32 {
+        self.contrastive_weight * contrastive + self.cohesion_weight * cohesion
     }
 
     /// The fused SGD update (PyTorch's, with momentum and weight decay) for one step at
@@ -133,6 +183,10 @@ impl StepConfig {
 pub struct StepReport {
     pub loss_contrastive: f32,
     pub loss_cohesion: f32,
+    /// The objective the step descends: `l1 L_contrastive + l2 L_cohesion` (the task
+    /// weights of [`StepConfig`]), or the weak baseline's cross-entropy (whose step reports
+    /// both task losses as 0).
+    pub loss: f32,
     pub lr: f64,
     pub combination: Combination,
     /// Mean over the dimensions of z of the standard deviation across the batch of the
@@ -276,8 +330,32 @@ impl<E: Engine> Trainer<E> {
         }
         let seconds_tasks = start.elapsed().as_secs_f64();
         let start = Instant::now();
+        let combination = self.update(eng, cfg, lr, |dots| cfg.combine(dots), combined)?;
+        Ok(StepReport {
+            loss_contrastive,
+            loss_cohesion,
+            loss: cfg.weighted_loss(loss_contrastive, loss_cohesion),
+            lr,
+            combination,
+            embedding_std,
+            seconds_tasks,
+            seconds_update: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The surgery reduction and the fused SGD update of the parameters from `g1` and `g2`,
+    /// combined as `combine` says from their inner products. When `combined` is given it
+    /// receives the combined gradient (before weight decay).
+    pub(super) fn update(
+        &mut self,
+        eng: &E,
+        cfg: &StepConfig,
+        lr: f64,
+        combine: impl FnOnce(GradDots) -> Combination,
+        combined: Option<&mut E::Buf>,
+    ) -> Result<Combination> {
         let dots: GradDots = eng.grad_dots(eng.all(&self.g1), eng.all(&self.g2))?;
-        let combination = cfg.surgery.combine(dots);
+        let combination = combine(dots);
         let update = cfg.update(lr, &combination);
         if let Some(out) = combined {
             let (g1, g2) = (eng.all(&self.g1), eng.all(&self.g2));
@@ -294,38 +372,15 @@ impl<E: Engine> Trainer<E> {
         if self.timed {
             eng.synchronize()?;
         }
-        Ok(StepReport {
-            loss_contrastive,
-            loss_cohesion,
-            lr,
-            combination,
-            embedding_std,
-            seconds_tasks,
-            seconds_update: start.elapsed().as_secs_f64(),
-        })
+        Ok(combination)
     }
 }
 
 /// Mean over dimensions of the standard deviation across the batch of the L2-normalized
 /// embeddings; `z` is `[dim, n]` (feature-major, as the engines hold it).
 pub fn embedding_std(z: &[f32], dim: usize, n: usize) -> f32 {
-    let inv_norms: Vec<f64> = (0..n)
-        .map(|i| {
-            let sq: f64 = (0..dim).map(|d| (z[d * n + i] as f64).powi(2)).sum();
-            1.0 / sq.sqrt().max(1e-12)
-        })
+    let rows: Vec<f32> = (0..n)
+        .flat_map(|i| (0..dim).map(move |d| z[d * n + i]))
         .collect();
-    let total: f64 = z
-        .chunks_exact(n)
-        .map(|row| {
-            let f: Vec<f64> = row
-                .iter()
-                .zip(&inv_norms)
-                .map(|(&v, s)| v as f64 * s)
-                .collect();
-            let mean = f.iter().sum::<f64>() / n as f64;
-            (f.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt()
-        })
-        .sum();
-    (total / dim as f64) as f32
+    (eval::spread(&rows, dim).per_dim_std / (dim as f64).sqrt()) as f32
 }

@@ -238,6 +238,7 @@ impl E2eBench {
         let synth = SynthConfig {
             patch_size: self.patch_size,
             seed: 0,
+            eval_cells: 0,
         };
         let started = Instant::now();
         let data = write_dataset(&synth, &plan, dir.path(), false, &mut |_| {})?;

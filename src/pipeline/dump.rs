@@ -36,6 +36,8 @@ struct StepRecord {
     surgery: Surgery,
     sgd: SgdRecord,
     temperature: f32,
+    /// `[l1, l2]`: the weights of the contrastive and the cohesion task.
+    task_weights: [f32; 2],
 }
 
 #[derive(Serialize)]
@@ -55,6 +57,7 @@ impl From<&StepConfig> for StepRecord {
                 weight_decay: c.weight_decay,
             },
             temperature: c.temperature,
+            task_weights: [c.contrastive_weight, c.cohesion_weight],
         }
     }
 }

@@ -8,10 +8,11 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{InitReport, load_init};
 use crate::data::input::augment::AugmentConfig;
 use crate::data::input::sampler::SamplerMode;
 use crate::model::optim::Schedule;
-use crate::model::{NetConfig, NetSpec, StepConfig};
+use crate::model::{ModelState, NetConfig, NetSpec, StepConfig};
 
 /// What the network learns from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -23,6 +24,9 @@ pub enum Objective {
     Slam,
     /// Contrastive loss alone on every patch, slide labels unused (the SimCLR ablation).
     Simclr,
+    /// Every patch takes its slide's label; a linear classifier on the encoder features is
+    /// trained with the encoder by cross-entropy (the weakly supervised baseline).
+    Weak,
 }
 
 /// Every setting of a run. Field names are the TOML keys and, with `-` for `_`, the flags.
@@ -59,6 +63,12 @@ pub struct PretrainConfig {
     /// disjoint (every patch once per epoch) or sliding (the reference's overlapping batches).
     #[arg(long, value_enum, default_value_t = PretrainConfig::default().sampler)]
     pub sampler: SamplerMode,
+    /// Start from these weights instead of the seeded random initialization: a checkpoint
+    /// with the reference's names, or torchvision's ResNet names (conv1, bn1, layer1, ...;
+    /// its classifier fc is left out), e.g. ImageNet weights converted to safetensors. The
+    /// encoder must match the network's shape; a missing projector keeps its random start.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Seed of the initialization, the sampler and the augmentation.
     #[arg(long, default_value_t = PretrainConfig::default().seed)]
     pub seed: u64,
@@ -80,6 +90,7 @@ impl Default for PretrainConfig {
             crop: AugmentConfig::default().crop,
             objective: Objective::Slam,
             sampler: SamplerMode::Disjoint,
+            init: None,
             seed: 0,
             checkpoint_every: 500,
         }
@@ -146,6 +157,19 @@ impl PretrainConfig {
 
     pub fn net(&self) -> Result<NetConfig> {
         self.net.resolve()
+    }
+
+    /// The model a new run starts from: `init`'s weights, or the seeded initialization.
+    pub fn initial_state(&self) -> Result<(ModelState, Option<InitReport>)> {
+        let net = self.net()?;
+        Ok(match &self.init {
+            Some(path) => {
+                let (state, report) = load_init(path, net, self.seed)
+                    .with_context(|| format!("cannot start from --init {}", path.display()))?;
+                (state, Some(report))
+            }
+            None => (ModelState::init(net, self.seed)?, None),
+        })
     }
 
     pub fn schedule(&self) -> Schedule {

@@ -29,6 +29,8 @@ pub struct StepLog {
 pub struct EpochLog {
     pub epoch: u64,
     pub steps: u64,
+    /// The objective descended (see `StepReport::loss`).
+    pub loss: f64,
     pub loss_contrastive: f64,
     pub loss_cohesion: f64,
     pub cosine: f64,
@@ -41,6 +43,7 @@ impl EpochLog {
     pub(super) fn add(&mut self, log: &StepLog) {
         let r = &log.report;
         self.steps += 1;
+        self.loss += r.loss as f64;
         self.loss_contrastive += r.loss_contrastive as f64;
         self.loss_cohesion += r.loss_cohesion as f64;
         self.cosine += r.combination.cosine;
@@ -55,6 +58,7 @@ impl EpochLog {
         EpochLog {
             epoch,
             steps: done.steps,
+            loss: done.loss / n,
             loss_contrastive: done.loss_contrastive / n,
             loss_cohesion: done.loss_cohesion / n,
             cosine: done.cosine / n,
@@ -64,7 +68,7 @@ impl EpochLog {
     }
 }
 
-/// Draws `plots/losses.png` (both losses per step) and `plots/conflict.png` (the cosine of
+/// Draws `plots/losses.png` (both task losses and the objective per step) and `plots/conflict.png` (the cosine of
 /// the two task gradients per step) from the run's `metrics.jsonl`.
 pub fn write_plots(dir: &Path) -> Result<()> {
     let text = std::fs::read_to_string(dir.join(METRICS_FILE))?;
@@ -85,12 +89,15 @@ pub fn write_plots(dir: &Path) -> Result<()> {
         l["loss_contrastive"].as_f64()
     });
     let cohesion = series("cohesion (negatives)", &|l| l["loss_cohesion"].as_f64());
+    let objective = series("objective (weighted sum, or the weak baseline's)", &|l| {
+        l["loss"].as_f64()
+    });
     plots::line_chart(
         &plots_dir.join("losses.png"),
-        "Task losses",
+        "Losses",
         "step",
         "loss",
-        &[contrastive, cohesion],
+        &[contrastive, cohesion, objective],
     )?;
     let cosine = series("cos(g1, g2)", &|l| l["combination"]["cosine"].as_f64());
     plots::line_chart(

@@ -27,14 +27,14 @@ pub use logs::{EpochLog, StepLog, write_plots};
 use logs::{line_field, open_log, truncate_log};
 
 use crate::atomic::{AtomicDir, write_atomic};
-use crate::checkpoint::{self, TensorFile, TensorWriter};
+use crate::checkpoint::{self, InitReport, TensorFile, TensorWriter};
 use crate::data::input::batch::{Augmenter, Views};
 use crate::data::input::sampler::{BalancedSampler, SamplerPosition};
 use crate::data::{BagLabel, PatchStore};
 use crate::engine::Engine;
 use crate::feed::{Feed, FeedPlan, HostViews, StepInput, ViewSettings, ViewSource};
 use crate::memory;
-use crate::model::{ModelState, Network, StepReport, Trainer};
+use crate::model::{ModelState, Network, StepReport, Trainer, WeakHead};
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -44,9 +44,15 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const PLOTS_DIR: &str = "plots";
 const STATE_FILE: &str = "state.safetensors";
 const KEEP_CHECKPOINTS: usize = 2;
-/// Embeddings whose spread `embedding_std * sqrt(dim)` falls below this have collapsed
-/// (spread-out unit vectors give about 1).
-const COLLAPSE_SPREAD: f32 = 0.05;
+/// The weak baseline's classifier and its momentum in a checkpoint's state file.
+const WEAK_HEAD: &str = "weak_head.weights";
+const WEAK_HEAD_MOMENTUM: &str = "weak_head.momentum";
+/// Embeddings whose spread `embedding_std * sqrt(dim)` falls below this have collapsed.
+/// The spread is about `sqrt(1 - mean pairwise cosine)`: 1 for unit vectors spread out, 0 for
+/// one point. Measured on the demo's data: a fresh network starts near 0.45, a learning SLAM
+/// run stays above 0.25, and the collapsed one (contrastive loss stuck at `log(2n - 1)`)
+/// falls below 0.1 within an epoch and ends near 0.06.
+const COLLAPSE_SPREAD: f32 = 0.1;
 
 /// What a run reports while it trains (the command line shows it).
 pub trait Observer {
@@ -55,6 +61,10 @@ pub trait Observer {
     fn epoch(&mut self, _log: &EpochLog) {}
     fn checkpoint(&mut self, _step: u64, _path: &Path) {}
     fn warn(&mut self, _message: &str) {}
+    /// The embeddings are collapsing at `step` (at most once per epoch); by default a warning.
+    fn collapsing(&mut self, _step: u64, message: &str) {
+        self.warn(message);
+    }
     /// Polled after every step: when true the run writes a checkpoint and returns early.
     fn stop_requested(&self) -> bool {
         false
@@ -82,6 +92,10 @@ pub struct Run {
     augmenter: Augmenter,
     state: ModelState,
     momentum: Option<Vec<f32>>,
+    /// The weak baseline's classifier a resumed run continues with.
+    weak_head: Option<WeakHead>,
+    /// What a new run took from its `--init` weights.
+    pub init_report: Option<InitReport>,
     step: u64,
     /// The estimated memory of one training step (activations and gradients).
     step_bytes: u64,
@@ -138,9 +152,10 @@ impl Run {
                 );
             }
         }
-        let state = ModelState::init(config.net()?, config.seed)?;
+        let (state, init_report) = config.initial_state()?;
         // Everything is checked before the folder is made: a refused run leaves nothing.
-        let run = Self::assemble(eng, dir, config, state, None, 0, SamplerPosition::default())?;
+        let mut run = Self::assemble(eng, dir, config, state, None, 0, SamplerPosition::default())?;
+        run.init_report = init_report;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // The settings are the run's first file: once they exist, --resume can continue it.
         write_atomic(&dir.join(CONFIG_FILE), run.config.to_toml()?.as_bytes())?;
@@ -158,8 +173,8 @@ impl Run {
         config.validate()?;
         remove_staging_leftovers(&dir.join(CHECKPOINTS_DIR))?;
         let Some(checkpoint) = latest_checkpoint(dir)? else {
-            // Stopped before its first checkpoint: the seeded start is the same as before.
-            let state = ModelState::init(config.net()?, config.seed)?;
+            // Stopped before its first checkpoint: the start is the same as before.
+            let (state, _) = config.initial_state()?;
             let run = Self::assemble(eng, dir, config, state, None, 0, SamplerPosition::default())?;
             truncate_log(&dir.join(METRICS_FILE), |_| false)?;
             truncate_log(&dir.join(EPOCHS_FILE), |_| false)?;
@@ -179,7 +194,18 @@ impl Run {
                 .with_context(|| format!("{}: no run state", checkpoint.display()))?,
         )?;
         let momentum = file.f32_shaped("momentum", &[Network::new(state.config).param_len()])?;
-        let run = Self::assemble(
+        let weak_head = match config.objective {
+            Objective::Weak => {
+                let len = [state.config.feature_dim() + 1];
+                Some(WeakHead {
+                    weights: file.tensor_shaped(WEAK_HEAD, &len)?,
+                    momentum: file.tensor_shaped(WEAK_HEAD_MOMENTUM, &len)?,
+                    grad: vec![0.0; len[0]],
+                })
+            }
+            _ => None,
+        };
+        let mut run = Self::assemble(
             eng,
             dir,
             config,
@@ -188,6 +214,7 @@ impl Run {
             run_state.step,
             run_state.sampler,
         )?;
+        run.weak_head = weak_head;
         ensure!(
             run.store.fingerprint() == run_state.store_fingerprint,
             "{} is not the store this run was trained on (its contents changed)",
@@ -229,7 +256,7 @@ impl Run {
         let split = sampler.split();
         let largest_task = match config.objective {
             Objective::Slam => split.positive.max(split.negative),
-            Objective::Simclr => split.positive + split.negative,
+            Objective::Simclr | Objective::Weak => split.positive + split.negative,
         };
         let step_bytes = Network::new(state.config).step_memory_bytes(largest_task, config.crop);
         let (available, kind) = memory::available_for(eng.memory()?)?;
@@ -251,6 +278,8 @@ impl Run {
             sampler,
             state,
             momentum,
+            weak_head: None,
+            init_report: None,
             step,
             step_bytes,
         })
@@ -321,7 +350,15 @@ impl Run {
         let schedule = self.config.schedule();
         let views = match self.config.objective {
             Objective::Slam => Views::Slam,
-            Objective::Simclr => Views::ContrastiveOnly,
+            // The weak baseline renders what SimCLR does: two views of every patch.
+            Objective::Simclr | Objective::Weak => Views::ContrastiveOnly,
+        };
+        let mut weak_head = match self.config.objective {
+            Objective::Weak => Some(match self.weak_head.take() {
+                Some(head) => head,
+                None => WeakHead::init(self.state.config.feature_dim(), self.config.seed)?,
+            }),
+            _ => None,
         };
         let end = self.end_step();
         let per_epoch = self.sampler.batches_per_epoch();
@@ -345,17 +382,34 @@ impl Run {
             let batch = source.render(eng, &input)?;
             let images = 2 * (batch.n_pos + batch.n_neg);
             let lr = schedule.lr(epoch as u32);
-            let report = trainer.step(eng, &batch, &step_config, lr, None)?;
+            let report = match &mut weak_head {
+                Some(head) => {
+                    let abnormal = sampled.positive.len();
+                    trainer.weak_step(eng, &batch, abnormal, head, &step_config, lr)?
+                }
+                None => trainer.step(eng, &batch, &step_config, lr, None)?,
+            };
             check_finite(&report, self.step, &self.dir)?;
-            let collapsed = report.embedding_std * (out_dim as f32).sqrt() < COLLAPSE_SPREAD;
+            // The weak baseline does not train the projector whose output this watches.
+            let collapsed = weak_head.is_none()
+                && report.embedding_std * (out_dim as f32).sqrt() < COLLAPSE_SPREAD;
             if collapsed && warned_epoch != Some(epoch) {
                 // Once per epoch: a collapsed run stays collapsed for many steps.
                 warned_epoch = Some(epoch);
-                observer.warn(&format!(
-                    "step {}: the embeddings are collapsing (per-dimension std {:.2e} across the batch; \
-                     try a lower --lr)",
+                let remedy = match self.config.objective {
+                    Objective::Slam => {
+                        "the cohesion task pulls every embedding to one point faster than the \
+                         contrastive task spreads them; the measured remedy is a smaller weight on \
+                         it, e.g. --cohesion-weight 0.1 (docs/RESULTS.md)"
+                    }
+                    Objective::Simclr | Objective::Weak => "try a lower --lr",
+                };
+                let message = format!(
+                    "step {}: the embeddings are collapsing (per-dimension std {:.2e} across the \
+                     batch): {remedy}",
                     self.step, report.embedding_std
-                ));
+                );
+                observer.collapsing(self.step, &message);
             }
             let log = StepLog {
                 step: self.step,
@@ -378,7 +432,7 @@ impl Run {
                 epochs.flush()?;
                 let state = trainer.state(eng)?;
                 let momentum = eng.download(eng.all(&trainer.momentum))?;
-                let path = self.save_checkpoint(&state, &momentum)?;
+                let path = self.save_checkpoint(&state, &momentum, weak_head.as_ref())?;
                 observer.checkpoint(self.step, &path);
             }
             if stop && self.step < end {
@@ -395,7 +449,12 @@ impl Run {
         Ok(state)
     }
 
-    fn save_checkpoint(&self, state: &ModelState, momentum: &[f32]) -> Result<PathBuf> {
+    fn save_checkpoint(
+        &self,
+        state: &ModelState,
+        momentum: &[f32],
+        weak_head: Option<&WeakHead>,
+    ) -> Result<PathBuf> {
         let dir = self.dir.join(CHECKPOINTS_DIR);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -404,6 +463,10 @@ impl Run {
         checkpoint::save(&staging.path().join(MODEL_FILE), state)?;
         let mut w = TensorWriter::new();
         w.f32("momentum", &[momentum.len()], momentum);
+        if let Some(head) = weak_head {
+            w.tensor(WEAK_HEAD, &[head.weights.len()], &head.weights);
+            w.tensor(WEAK_HEAD_MOMENTUM, &[head.momentum.len()], &head.momentum);
+        }
         w.info(
             "run",
             RunState {

@@ -32,12 +32,17 @@ use image::{ImageEncoder, RgbImage};
 use rayon::prelude::*;
 
 use super::plan::{BagPlanConfig, Cell, PlannedBag, Split, plan_bags};
+use crate::data::BagLabel;
 use crate::data::store::{MAX_PATCH_SIDE, PatchSize, StoreSummary, StoreWriter};
 
 /// Smallest patch side accepted for datasets: below it a cell is a handful of pixels.
 pub const MIN_PATCH_SIDE: usize = 16;
 pub const TRAIN_STORE: &str = "train.patches";
 pub const TEST_STORE: &str = "test.patches";
+/// The held-out cells for instance-level evaluation ([`SynthConfig::eval_cells`]).
+pub const EVAL_STORE: &str = "cells.patches";
+/// Cells per bag of the evaluation store.
+const EVAL_BAG_SIZE: usize = 100;
 pub const CONTACT_SHEET: &str = "contact_sheet.png";
 /// PNG folders in the reference layout: `png/{train,test}/<bag>/<n>.png`.
 pub const PNG_DIR: &str = "png";
@@ -51,6 +56,9 @@ pub struct SynthConfig {
     /// Side of the square patches in pixels; the geometry scales with it.
     pub patch_size: usize,
     pub seed: u64,
+    /// Cells of each class in a held-out store for instance-level evaluation (`slam eval`),
+    /// drawn after the plan's cells (so none is in a bag); 0 writes none.
+    pub eval_cells: usize,
 }
 
 /// The patch id a planned cell is rendered from: normal and abnormal cells take the even and
@@ -112,6 +120,7 @@ impl SynthConfig {
 pub struct SynthPaths {
     pub train: PathBuf,
     pub test: PathBuf,
+    pub cells: PathBuf,
     pub contact_sheet: PathBuf,
     pub png: PathBuf,
 }
@@ -121,6 +130,7 @@ impl SynthPaths {
         Self {
             train: out.join(TRAIN_STORE),
             test: out.join(TEST_STORE),
+            cells: out.join(EVAL_STORE),
             contact_sheet: out.join(CONTACT_SHEET),
             png: out.join(PNG_DIR),
         }
@@ -133,6 +143,8 @@ pub struct SynthDataset {
     pub paths: SynthPaths,
     pub train: StoreSummary,
     pub test: StoreSummary,
+    /// The held-out evaluation cells, when [`SynthConfig::eval_cells`] asked for them.
+    pub cells: Option<StoreSummary>,
     /// Abnormal cells in each abnormal bag.
     pub witnesses_per_bag: usize,
     /// Whether the PNG folders were written.
@@ -193,14 +205,27 @@ pub fn write_dataset(
     };
     let train = write(&train_bags, &staged.train, "train")?;
     let test = write(&test_bags, &staged.test, "test")?;
+    let eval_bags = eval_bags(synth.eval_cells, (normal, abnormal));
+    let eval_bags: Vec<&PlannedBag> = eval_bags.iter().collect();
+    let cells = (!eval_bags.is_empty())
+        .then(|| write(&eval_bags, &staged.cells, "cells"))
+        .transpose()?;
     write_png(&staged.contact_sheet, &synth.contact_sheet())?;
 
     let paths = SynthPaths::in_dir(out);
-    for (from, to) in [
+    let mut moves = vec![
         (&staged.train, &paths.train),
         (&staged.test, &paths.test),
         (&staged.contact_sheet, &paths.contact_sheet),
-    ] {
+    ];
+    if cells.is_some() {
+        moves.push((&staged.cells, &paths.cells));
+    } else if paths.cells.exists() {
+        // A store of evaluation cells from an earlier dataset would not match this one.
+        fs::remove_file(&paths.cells)
+            .with_context(|| format!("cannot remove the old {}", paths.cells.display()))?;
+    }
+    for (from, to) in moves {
         fs::rename(from, to).with_context(|| format!("cannot move {} into place", to.display()))?;
     }
     if png {
@@ -220,9 +245,39 @@ pub fn write_dataset(
         paths,
         train,
         test,
+        cells,
         witnesses_per_bag: plan.witnesses_per_bag(),
         png,
     })
+}
+
+/// The bags of the evaluation store: `count` cells of each class after the `taken` (normal,
+/// abnormal) cells of the plan, in class-pure bags of [`EVAL_BAG_SIZE`] labelled by their
+/// class (`eval_normal_NNN`, `eval_abnormal_NNN`).
+fn eval_bags(count: usize, taken: (usize, usize)) -> Vec<PlannedBag> {
+    let mut bags = Vec::new();
+    for (abnormal, first) in [(false, taken.0), (true, taken.1)] {
+        let (kind, label) = if abnormal {
+            ("abnormal", BagLabel::Abnormal)
+        } else {
+            ("normal", BagLabel::Normal)
+        };
+        for (b, start) in (0..count).step_by(EVAL_BAG_SIZE).enumerate() {
+            let cells = (start..count.min(start + EVAL_BAG_SIZE))
+                .map(|i| Cell {
+                    abnormal,
+                    index: first + i,
+                })
+                .collect();
+            bags.push(PlannedBag {
+                name: format!("eval_{kind}_{b:03}"),
+                label,
+                split: Split::Test,
+                cells,
+            });
+        }
+    }
+    bags
 }
 
 /// Renders one split's bags in parallel, chunk by chunk, and writes them in order into the
