@@ -6,7 +6,7 @@ use anyhow::{Result, ensure};
 use super::abmil::{AbMil, MilConfig};
 use super::kmeans::kmeans;
 use super::layers::ParamTensor;
-use super::pamil::{Pamil, PamilConfig, PamilLosses, ProtoInit};
+use super::pamil::{Pamil, PamilConfig, PamilLosses, PamilSettings, ProtoInit};
 use super::train::{BagObjective, EpochLog, MilTrainConfig, Selection, Trained, train};
 use super::{Adam, BagPrediction, MilBag, Standardizer};
 
@@ -212,6 +212,18 @@ impl BagObjective for PamilObjective<'_> {
 }
 
 impl HeadSpec {
+    /// PAMIL over `dim` features as the reference builds it by default: the "small" size,
+    /// `PamilSettings`' defaults, prototypes drawn from N(0, 1).
+    pub fn pamil_defaults(dim: usize) -> Self {
+        let (hidden, attention) = Aggregator::Pamil.default_sizes();
+        let settings = PamilSettings::default();
+        Self::Pamil {
+            config: settings.config(dim, hidden, attention),
+            losses: settings.losses,
+            start: PamilStart::Fresh(settings.proto_init),
+        }
+    }
+
     /// Checks that a curriculum's starting head fits a head over `dim` features.
     pub fn check(&self, dim: usize) -> Result<()> {
         if let Self::Pamil {
