@@ -16,7 +16,8 @@
 //! - [`pretrain`]: a pretraining run: sampler, augmentation and step in a loop, with metrics,
 //!   checkpoints and exact resume.
 //! - [`embed`]: a trained model over every patch of a store, and the embeddings file.
-//! - [`mil`]: downstream gated-attention multiple-instance learning and its metrics.
+//! - [`mil`]: downstream multiple-instance learning heads (gated attention, and the
+//!   reference's PAMIL) and their metrics.
 //! - [`eval`]: instance-level evaluation of embeddings (linear probe, anomaly scores,
 //!   retrieval, spread), no MIL head needed.
 //! - [`pipeline`]: the programs the command line runs (the demo, the step dump, the

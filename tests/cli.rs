@@ -317,11 +317,14 @@ fn demo_compares_every_variant_over_seeds_and_continues_where_it_stopped() {
         "4",
         "--mil-epochs",
         "3",
+        "--pamil-epochs",
+        "3",
         "--eval-cells",
         "12",
     ];
     let args = [&demo[..], &SMALL_PLAN_FLAGS].concat();
-    let text = assert_succeeds(&slam(&args));
+    let first = slam(&args);
+    let text = assert_succeeds(&first);
     let variants = [
         "random-init",
         "simclr",
@@ -336,11 +339,26 @@ fn demo_compares_every_variant_over_seeds_and_continues_where_it_stopped() {
             "{variant}: {text}"
         );
         for seed in ["seed0", "seed1"] {
-            let files = ["model.safetensors", "instance.json", "mil/metrics.json"];
+            let files = [
+                "model.safetensors",
+                "instance.json",
+                "mil/metrics.json",
+                "mil-pamil/metrics.json",
+            ];
             assert_files_exist(&out.join("runs/w0.2").join(seed).join(variant), &files);
         }
     }
     assert!(text.contains("Paired differences against simclr"), "{text}");
+    // Both MIL heads, side by side in the tables and in each run's progress lines.
+    for column in ["bag AUC ABMIL", "bag AUC PAMIL", "bag F1 PAMIL"] {
+        assert!(text.contains(column), "{column}: {text}");
+    }
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    for head in ["ABMIL", "PAMIL"] {
+        let lines = stderr.matches(&format!("bags ({head} on z): F1 ")).count();
+        assert_eq!(lines, 12, "{stderr}");
+    }
+    assert!(!stderr.contains("F1 n/a"), "{stderr}");
     assert!(
         text.contains("Paired differences against random-init"),
         "{text}"
@@ -355,6 +373,7 @@ fn demo_compares_every_variant_over_seeds_and_continues_where_it_stopped() {
         "runs.jsonl",
         "h_knn_auroc_w0.2.png",
         "bag_auc_w0.2.png",
+        "pamil_auc_w0.2.png",
         "data/contact_sheet.png",
     ];
     assert_files_exist(&out, &files);
@@ -362,7 +381,13 @@ fn demo_compares_every_variant_over_seeds_and_continues_where_it_stopped() {
     assert_eq!(runs.lines().count(), 12);
     for line in runs.lines() {
         let run: serde_json::Value = serde_json::from_str(line).unwrap();
-        for key in ["h.knn_auroc", "h.centroid_auroc", "z.knn_auroc", "bag.f1"] {
+        for key in [
+            "h.knn_auroc",
+            "h.centroid_auroc",
+            "z.knn_auroc",
+            "bag.f1",
+            "pamil.f1",
+        ] {
             let v = run["metrics"][key]
                 .as_f64()
                 .unwrap_or_else(|| panic!("{key}: {run}"));
@@ -382,8 +407,15 @@ fn demo_compares_every_variant_over_seeds_and_continues_where_it_stopped() {
         std::fs::read_to_string(out.join("runs.jsonl")).unwrap(),
         runs
     );
-    let other = [&args[..], &["--lr", "0.1"]].concat();
-    assert_fails_with(&slam(&other), &["holds an experiment with other settings"]);
+    let mut pamil_epochs = args.clone();
+    let at = pamil_epochs
+        .iter()
+        .position(|a| *a == "--pamil-epochs")
+        .unwrap();
+    pamil_epochs[at + 1] = "4";
+    for other in [[&args[..], &["--lr", "0.1"]].concat(), pamil_epochs] {
+        assert_fails_with(&slam(&other), &["holds an experiment with other settings"]);
+    }
     // The variants set the objective and surgery.
     let surgery = [&args[..], &["--surgery", "pcgrad"]].concat();
     assert_fails_with(&slam(&surgery), &["--surgery is set by each variant"]);

@@ -25,7 +25,7 @@ use slam_ags::data::PatchStore;
 use slam_ags::data::build::pack::{ImageOptions, PackOptions, pack_folder};
 use slam_ags::data::build::tile::{DEFAULT_MEMORY_BUDGET, TileOptions, tile_slides};
 use slam_ags::embed::{Embeddings, FeatureKind};
-use slam_ags::mil::{Adam, MilBag, MilHead, MilTrainConfig, report};
+use slam_ags::mil::{Aggregator, HeadSpec, MilBag, PamilSettings, PamilStart, ProtoInit, report};
 use slam_ags::model::{ModelState, NetSpec};
 use slam_ags::pretrain::PretrainConfig;
 
@@ -82,7 +82,8 @@ struct Samples {
     store: Vec<u8>,
     model: Vec<u8>,
     embeddings: Vec<u8>,
-    mil: Vec<u8>,
+    /// An ABMIL and a PAMIL head.
+    heads: [Vec<u8>; 2],
     config: String,
 }
 
@@ -99,14 +100,40 @@ fn samples() -> &'static Samples {
         let e = embed_on_cpu(&state, &store, FeatureKind::Projector, 48);
         let e_path = dir.path().join("e.safetensors");
         e.save(&e_path).unwrap();
-        let train = MilTrainConfig {
-            epochs: 1,
-            adam: Adam::default(),
-            seed: 0,
+        let settings = PamilSettings {
+            proto_pred: true,
+            inst_pred: true,
+            ..PamilSettings::default()
         };
-        let head = MilHead::train(&MilBag::from_embeddings(&e), e.dim, (4, 3), &train, |_| {});
-        let mil_path = dir.path().join("mil.safetensors");
-        report::save_model(&mil_path, &head).unwrap();
+        let specs = [
+            (
+                Aggregator::Abmil,
+                HeadSpec::Abmil {
+                    hidden: 4,
+                    attention: 3,
+                },
+            ),
+            (
+                Aggregator::Pamil,
+                HeadSpec::Pamil {
+                    config: settings.config(e.dim, 4, 3),
+                    losses: settings.losses,
+                    start: PamilStart::Fresh(ProtoInit::Normal),
+                },
+            ),
+        ];
+        let heads = specs.map(|(aggregator, spec)| {
+            let train = slam_ags::mil::MilTrainConfig {
+                epochs: 1,
+                ..aggregator.train_defaults()
+            };
+            let trained = spec
+                .train(&MilBag::from_embeddings(&e), e.dim, &train, |_| {})
+                .unwrap();
+            let path = dir.path().join("mil.safetensors");
+            report::save_model(&path, &trained.selected).unwrap();
+            std::fs::read(&path).unwrap()
+        });
         let config = PretrainConfig {
             store: store_path.clone(),
             net: NetSpec {
@@ -119,7 +146,7 @@ fn samples() -> &'static Samples {
             store: std::fs::read(&store_path).unwrap(),
             model: std::fs::read(&model_path).unwrap(),
             embeddings: std::fs::read(&e_path).unwrap(),
-            mil: std::fs::read(&mil_path).unwrap(),
+            heads,
             config: config.to_toml().unwrap(),
             _dir: dir,
         }
@@ -170,8 +197,10 @@ proptest! {
         if let Ok(e) = Embeddings::load(&path) {
             let _ = MilBag::from_embeddings(&e);
         }
-        let (_dir, path) = write_temp(&c.apply(&samples().mil));
-        let _ = report::load_model(&path);
+        for head in &samples().heads {
+            let (_dir, path) = write_temp(&c.apply(head));
+            let _ = report::load_model(&path);
+        }
     }
 
     #[test]

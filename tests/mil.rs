@@ -1,12 +1,14 @@
 //! Gated-attention MIL: the hand-derived backward against finite differences, Adam against
 //! its formula, the metrics against hand-computed cases, and learning a toy task.
 
+mod common;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use slam_ags::mil::{
-    self, AbMil, Adam, AdamState, MilBag, MilConfig, MilForward, MilTrainConfig, bag_metrics,
-    bce_with_logit, metrics::auc, retrieval,
+    self, AbMil, Adam, AdamState, Aggregator, HeadSpec, MilBag, MilConfig, MilForward,
+    MilTrainConfig, bag_metrics, bce_with_logit, metrics::auc, retrieval,
 };
 
 fn random(len: usize, seed: u64) -> Vec<f64> {
@@ -172,62 +174,21 @@ fn retrieval_counts_true_cells_in_the_top_k() {
     assert_eq!(tie.hits, 0, "ties keep the earlier instance first");
 }
 
-/// Bags of 30 instances in 6 dimensions; abnormal bags hide 2 instances whose first feature is
-/// shifted by 3. A working MIL head learns the bags and attends to those instances.
-fn toy_bags(count: usize, seed: u64) -> Vec<MilBag> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..count)
-        .map(|b| {
-            let label = b % 2 == 0;
-            let truth: Vec<bool> = (0..30).map(|i| label && i % 15 == 7).collect();
-            let features = truth
-                .iter()
-                .flat_map(|&t| {
-                    let shift = if t { 3.0 } else { 0.0 };
-                    (0..6)
-                        .map(|d| rng.random_range(-1.0..1.0) + if d == 0 { shift } else { 0.0 })
-                        .collect::<Vec<f64>>()
-                })
-                .collect();
-            MilBag {
-                name: format!("bag{b}"),
-                label,
-                features,
-                truth: Some(truth),
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn learns_a_toy_task_and_finds_the_witnesses() {
-    let model = head(6, 16, 8);
     let config = MilTrainConfig {
-        epochs: 40,
         adam: Adam {
             lr: 5e-3,
             ..Adam::default()
         },
         seed: 1,
+        ..Aggregator::Abmil.train_defaults()
     };
-    let mut losses = Vec::new();
-    let params = mil::train(&model, &toy_bags(40, 2), &config, |log| {
-        losses.push(log.loss)
-    });
-    assert!(losses[39] < 0.2 * losses[0], "loss {losses:?}");
-    let test = toy_bags(20, 3);
-    let predictions: Vec<_> = test
-        .iter()
-        .map(|b| mil::predict(&model, &params, b))
-        .collect();
-    let eval = mil::evaluate(&test, &predictions, 2);
-    println!("{eval:?}");
-    assert_eq!(eval.metrics.accuracy, 1.0);
-    assert_eq!(eval.metrics.auc, Some(1.0));
-    assert_eq!(eval.retrieval.len(), 10);
-    assert!(eval.mean_fraction().unwrap() > 0.9);
-    let again = mil::train(&model, &toy_bags(40, 2), &config, |_| {});
-    assert_eq!(params, again, "training is deterministic per seed");
+    let spec = HeadSpec::Abmil {
+        hidden: 16,
+        attention: 8,
+    };
+    common::assert_learns_toy_task(&spec, &config, 0.2);
 }
 
 #[test]

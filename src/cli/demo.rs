@@ -26,8 +26,11 @@ with the same settings it continues where it stopped; --force starts over.
 
 Cell level: AUROC of abnormal against normal held-out cells by the distance to the training
 cells of normal bags (kNN, centroid; no labels), and by a linear probe (a diagnostic that
-sees cell labels), on the encoder's h and the projector's z. Bag level: gated-attention MIL
-on z, retrieval = abnormal cells among each abnormal bag's K most attended patches.")]
+sees cell labels), on the encoder's h and the projector's z. Bag level, on z: gated-attention
+MIL (ABMIL, columns \"ABMIL\", reports in mil/) and the reference's PAMIL (columns \"PAMIL\",
+reports in mil-pamil/; fewer epochs than the reference's 100, to keep the demo short:
+--pamil-epochs; --mil-heads abmil leaves it out); retrieval = abnormal cells among each
+abnormal bag's K most attended patches.")]
 pub struct DemoArgs {
     #[command(flatten)]
     pub config: DemoConfig,

@@ -21,14 +21,17 @@ use crate::pipeline::experiment::{self, COMPARISON, ExperimentConfig, Experiment
       --variants random-init,simclr,weak,slam-ags,slam-ags@0.1,slam-ags@0.03
       task weights at two witness rates
   slam experiment --out big --seeds 3 --bags 200 --eval-cells 3000 --epochs 20
+  slam experiment --out heads --seeds 3 --mil-heads abmil,pamil
+      both MIL heads on every run's embeddings
 
 Each (witness rate, seed) gets its own synthetic data; every variant of that seed trains on
 it from the same start, so variants are compared pair by pair. A run: pretraining (or the
 random initialization with recomputed batch-norm statistics), embedding, the cell-level
-evaluation on held-out cells (h and z) and gated-attention MIL on z. results.md holds, per
-witness rate, mean ± standard deviation of every metric and the paired differences against
-SimCLR and random init with their 95% intervals; results.json everything; runs.jsonl one line
-per run. Started again with the same settings it continues where it stopped.")]
+evaluation on held-out cells (h and z) and gated-attention MIL on z (metrics bag.*), with
+--mil-heads abmil,pamil also the reference's PAMIL on the same z (metrics pamil.*).
+results.md holds, per witness rate, mean ± standard deviation of every metric and the paired
+differences against SimCLR and random init with their 95% intervals; results.json
+everything; runs.jsonl one line per run. Started again with the same settings it continues where it stopped.")]
 pub struct ExperimentArgs {
     #[command(flatten)]
     pub config: ExperimentConfig,

@@ -80,7 +80,7 @@ enum Command {
     Experiment(experiment::ExperimentArgs),
     /// Instance-level evaluation of embeddings: linear probe, anomaly scores, retrieval, spread.
     Eval(eval::EvalArgs),
-    /// Gated-attention multiple-instance learning on embedded bags.
+    /// Multiple-instance learning on embedded bags: gated attention (ABMIL) or PAMIL.
     #[command(subcommand)]
     Mil(mil::MilCommand),
     /// Write a freshly initialized model as a safetensors checkpoint with the reference names.

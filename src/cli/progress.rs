@@ -6,8 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::mil::Aggregator;
+use crate::pipeline::experiment::bag_head_names;
 use crate::pretrain::{EpochLog, Observer, StepLog};
 
 /// The progress bar: losses, gradient cosine and speed; a line per epoch and checkpoint.
@@ -184,13 +187,22 @@ impl crate::pipeline::experiment::ExperimentObserver for GridConsole {
             m.get(k)
                 .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.3}"))
         };
+        for head in Aggregator::value_variants() {
+            let (_, prefix) = bag_head_names(*head);
+            if m.contains_key(&format!("{prefix}.f1")) {
+                let get = |name: &str| get(&format!("{prefix}.{name}"));
+                text.push_str(&format!(
+                    "bags ({} on z): F1 {}, accuracy {}, AUC {}, retrieval {}\n",
+                    head.name(),
+                    get("f1"),
+                    get("accuracy"),
+                    get("auc"),
+                    get("retrieval")
+                ));
+            }
+        }
         text.push_str(&format!(
-            "bags (MIL on z): F1 {}, accuracy {}, AUC {}, retrieval {}; pretraining {:.0} s{}; \
-             files: {}",
-            get("bag.f1"),
-            get("bag.accuracy"),
-            get("bag.auc"),
-            get("bag.retrieval"),
+            "pretraining {:.0} s{}; files: {}",
             result.pretrain_seconds,
             if result.collapse_warnings > 0 {
                 format!(", COLLAPSE warned {} times", result.collapse_warnings)

@@ -1,20 +1,25 @@
-//! Downstream evaluation: gated-attention multiple-instance learning on embedded bags, its
-//! training with Adam, and the bag and retrieval metrics the paper reports. Pure CPU, f64.
+//! Downstream evaluation: multiple-instance learning heads on embedded bags (gated
+//! attention, ABMIL, and the reference's prototype-based PAMIL), their training with Adam,
+//! and the bag and retrieval metrics the paper reports. Pure CPU, f64.
 
+pub mod abmil;
 pub mod adam;
+pub mod head;
+pub mod kmeans;
+pub mod layers;
 pub mod metrics;
-pub mod model;
+pub mod pamil;
 pub mod report;
-
-use rand::SeedableRng;
+pub mod train;
 
 use crate::embed::Embeddings;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 
+pub use abmil::{AbMil, MilConfig, MilForward, bce_with_logit};
 pub use adam::{Adam, AdamState};
+pub use head::{Aggregator, HeadSpec, MilHead, MilModel, PamilStart, TrainedHead};
 pub use metrics::{BagMetrics, Retrieval, bag_metrics, retrieval};
-pub use model::{AbMil, MilConfig, MilForward, bce_with_logit};
+pub use pamil::{Pamil, PamilConfig, PamilLosses, PamilSettings, ProtoInit};
+pub use train::{BagObjective, EpochLog, MilTrainConfig, Selection, Trained, train};
 
 /// One embedded bag.
 #[derive(Clone, Debug)]
@@ -49,55 +54,6 @@ impl MilBag {
             })
             .collect()
     }
-}
-
-/// How to train the MIL head.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct MilTrainConfig {
-    pub epochs: usize,
-    pub adam: Adam,
-    pub seed: u64,
-}
-
-/// Mean loss and training accuracy of one epoch.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
-pub struct EpochLog {
-    pub epoch: usize,
-    pub loss: f64,
-    pub accuracy: f64,
-}
-
-/// Trains from a seeded initialization, one Adam step per bag, bags in a seeded shuffle each
-/// epoch; calls `on_epoch` after each epoch. Returns the parameters.
-pub fn train(
-    model: &AbMil,
-    bags: &[MilBag],
-    config: &MilTrainConfig,
-    mut on_epoch: impl FnMut(&EpochLog),
-) -> Vec<f64> {
-    let mut params = model.init(config.seed);
-    let mut state = AdamState::new(params.len());
-    let mut grads = vec![0.0; params.len()];
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let mut order: Vec<usize> = (0..bags.len()).collect();
-    for epoch in 0..config.epochs {
-        order.shuffle(&mut rng);
-        let (mut loss, mut correct) = (0.0, 0);
-        for &i in &order {
-            let bag = &bags[i];
-            let forward = model.forward(&params, &bag.features);
-            correct += ((forward.probability() >= 0.5) == bag.label) as usize;
-            grads.fill(0.0);
-            loss += model.backward(&params, &bag.features, &forward, bag.label, &mut grads);
-            config.adam.step(&mut params, &grads, &mut state);
-        }
-        on_epoch(&EpochLog {
-            epoch,
-            loss: loss / bags.len() as f64,
-            accuracy: correct as f64 / bags.len() as f64,
-        });
-    }
-    params
 }
 
 /// Per-dimension standardization of the instance features, fitted on the training
@@ -152,58 +108,12 @@ impl Standardizer {
     }
 }
 
-/// A trained head: the standardization of its inputs, the network and its parameters.
-#[derive(Clone, Debug)]
-pub struct MilHead {
-    pub standardizer: Standardizer,
-    pub model: AbMil,
-    pub params: Vec<f64>,
-}
-
-impl MilHead {
-    /// Fits the standardization on `bags` and trains a head of `hidden` and `attention`
-    /// units on them.
-    pub fn train(
-        bags: &[MilBag],
-        dim: usize,
-        (hidden, attention): (usize, usize),
-        config: &MilTrainConfig,
-        on_epoch: impl FnMut(&EpochLog),
-    ) -> Self {
-        let standardizer = Standardizer::fit(bags, dim);
-        let standardized: Vec<MilBag> = bags.iter().map(|b| standardizer.apply(b)).collect();
-        let model = AbMil::new(MilConfig {
-            input_dim: dim,
-            hidden,
-            attention,
-        });
-        let params = train(&model, &standardized, config, on_epoch);
-        Self {
-            standardizer,
-            model,
-            params,
-        }
-    }
-
-    pub fn predict(&self, bag: &MilBag) -> BagPrediction {
-        predict(&self.model, &self.params, &self.standardizer.apply(bag))
-    }
-}
-
 /// A bag's prediction and where its attention went.
 #[derive(Clone, Debug)]
 pub struct BagPrediction {
     pub probability: f64,
     /// Softmax attention per instance (sums to one).
     pub attention: Vec<f64>,
-}
-
-pub fn predict(model: &AbMil, params: &[f64], bag: &MilBag) -> BagPrediction {
-    let forward = model.forward(params, &bag.features);
-    BagPrediction {
-        probability: forward.probability(),
-        attention: forward.attention,
-    }
 }
 
 /// Bag metrics and, where instance truth is known, retrieval over the abnormal bags.

@@ -5,44 +5,79 @@ use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 
-use super::{AbMil, BagPrediction, Evaluation, MilBag, MilConfig, MilHead, Standardizer};
+use super::{
+    AbMil, BagPrediction, Evaluation, MilBag, MilConfig, MilHead, MilModel, Pamil, PamilSettings,
+    Standardizer,
+};
 use crate::atomic::write_atomic;
 use crate::checkpoint::{TensorFile, TensorWriter};
 use crate::embed::Embeddings;
 use crate::plots;
 
 pub const MODEL_FILE: &str = "mil.safetensors";
+/// The last epoch's head, written beside [`MODEL_FILE`] when training kept an earlier epoch.
+pub const LAST_MODEL_FILE: &str = "mil-last.safetensors";
 pub const PREDICTIONS_FILE: &str = "predictions.csv";
 pub const ATTENTION_FILE: &str = "attention.csv";
 pub const METRICS_FILE: &str = "metrics.json";
 pub const RETRIEVAL_PLOT: &str = "retrieval.png";
 
-/// Writes the head: its parameters under the names of [`super::model::MilLayout::tensors`]
-/// and its input standardization as `input.mean` and `input.std`.
+/// Writes the head. ABMIL: its parameters under the names of
+/// [`super::abmil::MilLayout::tensors`], its input standardization as `input.mean` and
+/// `input.std`, its sizes as the `mil` info. PAMIL: exactly the reference module's
+/// `state_dict` (so PyTorch's `load_state_dict(strict=True)` takes it), its configuration as
+/// the `pamil` info.
 pub fn save_model(path: &Path, head: &MilHead) -> Result<()> {
     let mut w = TensorWriter::new();
-    let model = &head.model;
-    for (name, range, _, shape) in model.layout.tensors(model.config) {
-        w.tensor(name, &shape, &head.params[range]);
+    for t in head.tensors() {
+        w.tensor(t.name, &t.shape, &head.params[t.range]);
     }
-    let dim = model.config.input_dim;
-    w.tensor("input.mean", &[dim], &head.standardizer.mean);
-    w.tensor("input.std", &[dim], &head.standardizer.std);
-    w.info("mil", model.config)?;
+    match &head.model {
+        MilModel::Abmil {
+            model,
+            standardizer,
+        } => {
+            let dim = model.config.input_dim;
+            w.tensor("input.mean", &[dim], &standardizer.mean);
+            w.tensor("input.std", &[dim], &standardizer.std);
+            w.info("mil", model.config)?;
+        }
+        MilModel::Pamil(model) => w.info("pamil", model.config)?,
+    }
     w.write(path)
 }
 
+/// Reads a head written by [`save_model`], of either kind (told apart by the file: ABMIL's
+/// `mil` info, PAMIL's `proto` tensor), or a PAMIL `state_dict` saved from PyTorch as
+/// safetensors (f32 or f64; its prototype weight then the reference's default).
 pub fn load_model(path: &Path) -> Result<MilHead> {
     let file = TensorFile::open(path)?;
+    if file.info("mil").is_some() {
+        return load_abmil(path, &file);
+    }
+    ensure!(
+        file.names().iter().any(|n| n == "proto"),
+        "{} is not a MIL model: neither an ABMIL nor a PAMIL head (write one with `slam mil \
+         train`)",
+        path.display()
+    );
+    let proto_weight = file
+        .info("pamil")
+        .and_then(|v| v.get("proto_weight")?.as_f64())
+        .unwrap_or(PamilSettings::default().proto_weight);
+    let (model, params) = Pamil::read(&file, "", proto_weight)
+        .with_context(|| format!("{} is not a usable PAMIL head", path.display()))?;
+    Ok(MilHead {
+        model: MilModel::Pamil(Box::new(model)),
+        params,
+    })
+}
+
+fn load_abmil(path: &Path, file: &TensorFile) -> Result<MilHead> {
     let config: MilConfig = file
         .info("mil")
         .and_then(|v| serde_json::from_value(v).ok())
-        .with_context(|| {
-            format!(
-                "{} is not a MIL model (write one with `slam mil train`)",
-                path.display()
-            )
-        })?;
+        .with_context(|| format!("{}: unreadable ABMIL sizes", path.display()))?;
     ensure!(
         [config.input_dim, config.hidden, config.attention]
             .iter()
@@ -52,8 +87,8 @@ pub fn load_model(path: &Path) -> Result<MilHead> {
     );
     let model = AbMil::new(config);
     let mut params = vec![0.0; model.param_len()];
-    for (name, range, _, shape) in model.layout.tensors(config) {
-        params[range].copy_from_slice(&file.tensor_shaped::<f64>(name, &shape)?);
+    for t in model.layout.tensors(config) {
+        params[t.range].copy_from_slice(&file.tensor_shaped::<f64>(&t.name, &t.shape)?);
     }
     let dim = [config.input_dim];
     let standardizer = Standardizer {
@@ -61,8 +96,10 @@ pub fn load_model(path: &Path) -> Result<MilHead> {
         std: file.tensor_shaped("input.std", &dim)?,
     };
     Ok(MilHead {
-        standardizer,
-        model,
+        model: MilModel::Abmil {
+            model,
+            standardizer,
+        },
         params,
     })
 }

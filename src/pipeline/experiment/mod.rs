@@ -2,8 +2,9 @@
 //! experiment): every variant at every witness rate and seed, on synthetic data made for the
 //! pair (rate, seed), so that the variants of a seed share their data and initialization
 //! and can be compared pair by pair. Each run is evaluated at the cell level on held-out
-//! cells (`crate::eval`, on h and on z) and at the bag level (gated-attention MIL on z), and
-//! the runs are summarized as mean, spread and paired differences against the baselines
+//! cells (`crate::eval`, on h and on z) and at the bag level (MIL heads on z: gated
+//! attention, and with `--mil-heads` the reference's PAMIL beside it), and the runs are
+//! summarized as mean, spread and paired differences against the baselines
 //! (`report`).
 //!
 //! The runs' results are appended to `runs.jsonl` as they finish: an interrupted experiment
@@ -32,7 +33,7 @@ use crate::data::build::synth::{SynthConfig, SynthDataset, write_dataset};
 use crate::embed::{self, EmbedSettings, Embeddings, FeatureKind};
 use crate::eval::{self, InstanceEvalConfig, InstanceReport};
 use crate::feed::{Feed, ViewSettings};
-use crate::mil::{Adam, MilBag, MilHead, MilTrainConfig, report as mil_report};
+use crate::mil::{Aggregator, Evaluation, HeadSpec, MilBag, MilTrainConfig, report as mil_report};
 use crate::model::{ModelState, Surgery};
 use crate::pretrain::{Objective, Observer, PretrainConfig, Run, StepLog};
 
@@ -175,9 +176,18 @@ pub struct ExperimentConfig {
     /// when it names one, the cohesion weight); --seed is the first seed.
     #[command(flatten)]
     pub pretrain: PretrainConfig,
-    /// MIL training epochs.
+    /// The MIL heads trained on z, comma-separated: abmil (gated attention; metrics bag.*,
+    /// reports in mil/) and pamil (the reference's head at its defaults; metrics pamil.*,
+    /// reports in mil-pamil/).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "abmil")]
+    pub mil_heads: Vec<Aggregator>,
+    /// ABMIL's training epochs.
     #[arg(long, default_value_t = 40)]
     pub mil_epochs: usize,
+    /// PAMIL's training epochs (the reference trains 100), the epoch of best training
+    /// accuracy kept.
+    #[arg(long, default_value_t = 100)]
+    pub pamil_epochs: usize,
     #[command(flatten)]
     pub eval: InstanceEvalConfig,
     /// Keep every run's embeddings (train, test and evaluation cells, h and z).
@@ -218,7 +228,16 @@ impl ExperimentConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.variants.is_empty(), "no variants to run (--variants)");
         ensure!(self.seeds >= 1, "--seeds must be at least 1");
+        ensure!(
+            !self.mil_heads.is_empty(),
+            "no MIL heads to train (--mil-heads)"
+        );
+        let heads = &self.mil_heads;
+        if let Some(twice) = (1..heads.len()).find(|&i| heads[..i].contains(&heads[i])) {
+            bail!("--mil-heads names {} twice", heads[twice].name());
+        }
         ensure!(self.mil_epochs >= 1, "--mil-epochs must be at least 1");
+        ensure!(self.pamil_epochs >= 1, "--pamil-epochs must be at least 1");
         ensure!(
             self.eval_cells >= 1,
             "--eval-cells must be at least 1: the cell-level evaluation needs held-out cells"
@@ -273,21 +292,54 @@ impl ExperimentConfig {
 
     /// What must match for an interrupted experiment's results to be reused.
     fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut fingerprint = serde_json::json!({
             "patch_size": self.patch_size,
             "eval_cells": self.eval_cells,
             "plan": self.plan_for(0.0, 0),
             "pretrain": PretrainConfig { seed: 0, ..self.pretrain.clone() },
             "mil_epochs": self.mil_epochs,
             "eval": self.eval,
-        })
+        });
+        // The heads are recorded only when not ABMIL alone, so that experiments begun
+        // before PAMIL was added still resume.
+        if self.mil_heads != [Aggregator::Abmil] {
+            fingerprint["mil_heads"] = serde_json::json!(self.mil_heads);
+        }
+        if self.mil_heads.contains(&Aggregator::Pamil) {
+            fingerprint["pamil_epochs"] = serde_json::json!(self.pamil_epochs);
+        }
+        fingerprint
+    }
+
+    /// How the experiment trains `head` on `dim` features: the head and its epochs.
+    fn bag_head(&self, head: Aggregator, dim: usize) -> (HeadSpec, usize) {
+        match head {
+            Aggregator::Abmil => (
+                HeadSpec::Abmil {
+                    hidden: 64,
+                    attention: 32,
+                },
+                self.mil_epochs,
+            ),
+            Aggregator::Pamil => (HeadSpec::pamil_defaults(dim), self.pamil_epochs),
+        }
+    }
+}
+
+/// Where a MIL head's reports go in a run's folder, and the prefix of its metrics (`bag.f1`,
+/// `pamil.f1`, ...). ABMIL's keep the names they had before PAMIL was added, so that the
+/// `runs.jsonl` of an experiment begun then means the same.
+pub fn bag_head_names(head: Aggregator) -> (&'static str, &'static str) {
+    match head {
+        Aggregator::Abmil => ("mil", "bag"),
+        Aggregator::Pamil => ("mil-pamil", "pamil"),
     }
 }
 
 /// One run of the grid: a variant at a witness rate and seed, and what it measured. Metrics
 /// are named `h.<m>` and `z.<m>` (the cell-level evaluation of the encoder's and the
-/// projector's features) and `bag.<m>` (the MIL head on z); one that could not be measured
-/// is absent.
+/// projector's features), `bag.<m>` (ABMIL on z) and `pamil.<m>` (PAMIL on z); one that
+/// could not be measured, or whose head did not run, is absent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunResult {
     pub witness_rate: f64,
@@ -597,27 +649,24 @@ fn run_one<E: Feed>(
         serde_json::to_string_pretty(&instance)?.as_bytes(),
     )?;
 
-    // The bag level, as the reference evaluates: gated-attention MIL on the projector's z.
+    // The bag level, as the reference evaluates: MIL heads on the projector's z.
     let (train_z, test_z) = (&train[1], &test[1]);
-    let mil_config = MilTrainConfig {
-        epochs: config.mil_epochs,
-        adam: Adam::default(),
-        seed,
-    };
     let bags = MilBag::from_embeddings(train_z);
-    let head = MilHead::train(&bags, train_z.dim, (64, 32), &mil_config, |_| {});
-    let mil_dir = dir.join("mil");
-    std::fs::create_dir_all(&mil_dir)?;
-    mil_report::save_model(&mil_dir.join(mil_report::MODEL_FILE), &head)?;
-    let evaluation = mil_report::evaluate(&mil_dir, &head, test_z, data.witnesses_per_bag)?;
-    let m = evaluation.metrics;
-    metrics.insert("bag.f1".into(), m.f1);
-    metrics.insert("bag.accuracy".into(), m.accuracy);
-    if let Some(auc) = m.auc {
-        metrics.insert("bag.auc".into(), auc);
-    }
-    if let Some(fraction) = evaluation.mean_fraction() {
-        metrics.insert("bag.retrieval".into(), fraction);
+    for &head in &config.mil_heads {
+        let (spec, epochs) = config.bag_head(head, train_z.dim);
+        let (folder, prefix) = bag_head_names(head);
+        let mil_config = MilTrainConfig {
+            epochs,
+            seed,
+            ..head.train_defaults()
+        };
+        let trained = spec.train(&bags, train_z.dim, &mil_config, |_| {})?;
+        let mil_dir = dir.join(folder);
+        std::fs::create_dir_all(&mil_dir)?;
+        mil_report::save_model(&mil_dir.join(mil_report::MODEL_FILE), &trained.selected)?;
+        let evaluation =
+            mil_report::evaluate(&mil_dir, &trained.selected, test_z, data.witnesses_per_bag)?;
+        record_bags(&mut metrics, prefix, &evaluation);
     }
     let result = RunResult {
         witness_rate: rate,
@@ -628,6 +677,21 @@ fn run_one<E: Feed>(
         metrics,
     };
     Ok((result, instance))
+}
+
+/// A MIL head's figures on the test bags as `<prefix>.f1`, `.accuracy`, `.auc` and
+/// `.retrieval`.
+fn record_bags(metrics: &mut BTreeMap<String, f64>, prefix: &str, evaluation: &Evaluation) {
+    let m = evaluation.metrics;
+    let mut put = |name: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            metrics.insert(format!("{prefix}.{name}"), v);
+        }
+    };
+    put("f1", Some(m.f1));
+    put("accuracy", Some(m.accuracy));
+    put("auc", m.auc);
+    put("retrieval", evaluation.mean_fraction());
 }
 
 fn record_instance(metrics: &mut BTreeMap<String, f64>, tag: &str, r: &InstanceReport) {

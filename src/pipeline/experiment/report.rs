@@ -9,27 +9,47 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{ExperimentConfig, RunResult, Variant};
+use crate::mil::Aggregator;
 use crate::plots;
 
-/// The metrics the tables show, with their column names.
-const TABLE: [(&str, &str); 8] = [
+/// The metrics the tables show, with their column names (those no run measured are left
+/// out: PAMIL's unless `--mil-heads` names it).
+const TABLE: [(&str, &str); 10] = [
     ("h.knn_auroc", "kNN AUROC h"),
     ("h.centroid_auroc", "centroid AUROC h"),
     ("h.probe_auroc", "probe AUROC h"),
     ("z.knn_auroc", "kNN AUROC z"),
     ("h.top_k_precision", "top-K precision h"),
     ("z.mean_cosine", "mean cos z"),
-    ("bag.auc", "bag AUC"),
-    ("bag.f1", "bag F1"),
+    ("bag.auc", "bag AUC ABMIL"),
+    ("bag.f1", "bag F1 ABMIL"),
+    ("pamil.auc", "bag AUC PAMIL"),
+    ("pamil.f1", "bag F1 PAMIL"),
 ];
 
 /// The metrics compared pair by pair against the baselines, and charted.
-const COMPARED: [(&str, &str); 4] = [
+const COMPARED: [(&str, &str); 5] = [
     ("h.knn_auroc", "kNN AUROC h"),
     ("h.probe_auroc", "probe AUROC h"),
     ("z.knn_auroc", "kNN AUROC z"),
-    ("bag.auc", "bag AUC"),
+    ("bag.auc", "bag AUC ABMIL"),
+    ("pamil.auc", "bag AUC PAMIL"),
 ];
+
+/// The entries of `columns` that some variant of `summary` measured.
+fn measured<'a>(summary: &Summary, columns: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    columns
+        .iter()
+        .copied()
+        .filter(|(metric, _)| {
+            summary
+                .rates
+                .iter()
+                .flat_map(|r| &r.variants)
+                .any(|v| v.metrics.contains_key(*metric))
+        })
+        .collect()
+}
 
 /// The variants every other is compared with, when they ran.
 const BASELINES: [&str; 2] = ["simclr", "random-init"];
@@ -216,7 +236,7 @@ pub fn render_markdown(config: &ExperimentConfig, summary: &Summary) -> String {
          task weights {} and {} (unless the variant names its cohesion weight).\n\
          Data per witness rate and seed: {} synthetic bags of {} cells at {}x{} (a share of {} \
          for training), and {} held-out cells of each class for the cell-level metrics. Bag \
-         level: gated-attention MIL on z, {} epochs.\n\n\
+         level, on z: {}.\n\n\
          Cell level (on the held-out cells): AUROC of abnormal against normal cells by the \
          kNN and centroid distance to the normal bags' training cells (unsupervised), and by a \
          linear probe fitted on the training cells' truth (a diagnostic); top-K precision of \
@@ -238,24 +258,40 @@ pub fn render_markdown(config: &ExperimentConfig, summary: &Summary) -> String {
         config.patch_size,
         config.plan.train_fraction,
         config.eval_cells,
-        config.mil_epochs,
+        config
+            .mil_heads
+            .iter()
+            .map(|h| match h {
+                Aggregator::Abmil => format!(
+                    "gated-attention MIL (ABMIL) for {} epochs, the last kept",
+                    config.mil_epochs
+                ),
+                Aggregator::Pamil => format!(
+                    "PAMIL at the reference's defaults for {} epochs, the epoch of best \
+                     training accuracy kept",
+                    config.pamil_epochs
+                ),
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
     );
+    let (table, compared) = (measured(summary, &TABLE), measured(summary, &COMPARED));
     for rate in &summary.rates {
         md.push_str(&format!("\n## Witness rate {}\n\n", rate.witness_rate));
         md.push_str("| variant | runs | collapse warned |");
-        for (_, column) in TABLE {
+        for (_, column) in &table {
             md.push_str(&format!(" {column} |"));
         }
         md.push_str("\n|---|---:|---:|");
-        md.push_str(&"---:|".repeat(TABLE.len()));
+        md.push_str(&"---:|".repeat(table.len()));
         md.push('\n');
         for v in &rate.variants {
             md.push_str(&format!(
                 "| {} | {} | {} |",
                 v.variant, v.runs, v.collapsed_runs
             ));
-            for (metric, _) in TABLE {
-                let cell = v.metrics.get(metric).map_or_else(
+            for (metric, _) in &table {
+                let cell = v.metrics.get(*metric).map_or_else(
                     || "n/a".to_owned(),
                     |s| match s.n {
                         1 => format!("{:.3}", s.mean),
@@ -279,20 +315,20 @@ pub fn render_markdown(config: &ExperimentConfig, summary: &Summary) -> String {
                 "\nPaired differences against {baseline} (same seeds): mean [95% interval], \
                  seeds won; **bold** where the interval excludes 0.\n\n| variant |"
             ));
-            for (_, column) in COMPARED {
+            for (_, column) in &compared {
                 md.push_str(&format!(" {column} |"));
             }
             md.push_str("\n|---|");
-            md.push_str(&"---:|".repeat(COMPARED.len()));
+            md.push_str(&"---:|".repeat(compared.len()));
             md.push('\n');
             let mut variants: Vec<&str> = rows.iter().map(|c| c.variant.as_str()).collect();
             variants.dedup();
             for v in variants {
                 md.push_str(&format!("| {v} |"));
-                for (metric, _) in COMPARED {
+                for (metric, _) in &compared {
                     let cell = rows
                         .iter()
-                        .find(|c| c.variant == v && c.metric == metric)
+                        .find(|c| c.variant == v && c.metric == *metric)
                         .map_or_else(
                             || "n/a".to_owned(),
                             |c| {

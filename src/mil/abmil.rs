@@ -9,9 +9,7 @@
 
 use std::ops::Range;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
+use super::layers::{Init, ParamTensor, init_params, sigmoid, softmax};
 use crate::matmul::{Mat, gemm};
 
 /// Sizes of the MIL head.
@@ -76,22 +74,28 @@ impl MilLayout {
         self.len() == 0
     }
 
-    /// Each tensor with the name, fan-in and shape PyTorch's `nn.Linear` layers would have.
-    pub fn tensors(
-        &self,
-        config: MilConfig,
-    ) -> [(&'static str, Range<usize>, usize, Vec<usize>); 8] {
+    /// Each tensor with the name, shape and initialization (fan-in) PyTorch's `nn.Linear`
+    /// layers would have.
+    pub fn tensors(&self, config: MilConfig) -> Vec<ParamTensor> {
         let (d, l, a) = config.dims();
         [
-            ("embed.weight", self.w1.clone(), d, vec![l, d]),
-            ("embed.bias", self.b1.clone(), d, vec![l]),
-            ("gates.weight", self.gates.clone(), l, vec![2 * a, l]),
-            ("gates.bias", self.gate_bias.clone(), l, vec![2 * a]),
-            ("attention.weight", self.w.clone(), a, vec![1, a]),
-            ("attention.bias", self.bw.clone(), a, vec![1]),
-            ("classifier.weight", self.c.clone(), l, vec![1, l]),
-            ("classifier.bias", self.c0.clone(), l, vec![1]),
+            ("embed.weight", &self.w1, d, vec![l, d]),
+            ("embed.bias", &self.b1, d, vec![l]),
+            ("gates.weight", &self.gates, l, vec![2 * a, l]),
+            ("gates.bias", &self.gate_bias, l, vec![2 * a]),
+            ("attention.weight", &self.w, a, vec![1, a]),
+            ("attention.bias", &self.bw, a, vec![1]),
+            ("classifier.weight", &self.c, l, vec![1, l]),
+            ("classifier.bias", &self.c0, l, vec![1]),
         ]
+        .into_iter()
+        .map(|(name, range, fan_in, shape)| ParamTensor {
+            name: name.to_owned(),
+            shape,
+            range: range.clone(),
+            init: Init::Uniform { fan_in },
+        })
+        .collect()
     }
 }
 
@@ -117,10 +121,6 @@ impl MilForward {
     pub fn probability(&self) -> f64 {
         sigmoid(self.logit)
     }
-}
-
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// Binary cross-entropy of a logit against label y, stable for large |logit|.
@@ -149,15 +149,7 @@ impl AbMil {
 
     /// PyTorch's `nn.Linear` initialization: weights and biases uniform in +-1/sqrt(fan_in).
     pub fn init(&self, seed: u64) -> Vec<f64> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut params = vec![0.0; self.param_len()];
-        for (_, range, fan_in, _) in self.layout.tensors(self.config) {
-            let bound = 1.0 / (fan_in as f64).sqrt();
-            for p in &mut params[range] {
-                *p = rng.random_range(-bound..bound);
-            }
-        }
-        params
+        init_params(&self.layout.tensors(self.config), seed)
     }
 
     /// Forward pass over a bag `x` of n instances (n x D, row-major).
@@ -208,10 +200,8 @@ impl AbMil {
                 score
             })
             .collect();
-        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let mut attention: Vec<f64> = scores.iter().map(|e| (e - max).exp()).collect();
-        let total: f64 = attention.iter().sum();
-        attention.iter_mut().for_each(|v| *v /= total);
+        let mut attention = scores.clone();
+        softmax(&mut attention);
 
         let mut bag = vec![0.0; l];
         for (row, &weight) in h.chunks_exact(l).zip(&attention) {
