@@ -56,7 +56,7 @@ fn matmul_simd() -> &'static str {
         if std::arch::is_x86_feature_detected!("fma") {
             return "AVX2 + FMA";
         }
-        "SSE2"
+        "scalar code (no FMA)"
     }
     #[cfg(target_arch = "aarch64")]
     {
