@@ -243,6 +243,70 @@ fn bench_step_runs_and_cuda_is_refused_clearly() {
 }
 
 #[test]
+fn bench_embed_and_layers_report_the_cpu_and_every_layer() {
+    let embed = [
+        &["bench", "embed"][..],
+        &TINY_NET_FLAGS,
+        &["--crop", "32", "--batch", "3", "--json"],
+    ]
+    .concat();
+    let out = slam(&[&embed[..], &["--passes", "2"]].concat());
+    assert_succeeds(&out);
+    let value: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("one JSON object");
+    assert!(value["images_per_s"].as_f64().unwrap() > 0.0, "{value}");
+    assert_eq!(value["images_per_pass"], 3);
+    let header = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        header.contains("threads of") && header.contains("products in"),
+        "the header names the CPU and the SIMD level: {header}"
+    );
+    assert_fails_with(
+        &slam(&[&embed[..], &["--passes", "0"]].concat()),
+        &["--passes must be at least 1"],
+    );
+
+    // One row per distinct convolution and batch norm; the counts add up to the network's
+    // layers: a stem, two convolutions per block and a downsample where the shape changes.
+    let layers = [
+        &["bench", "layers"][..],
+        &["--width", "4", "--blocks", "1,2,1,1", "--out-dim", "8"],
+        &["--crop", "32", "--batch", "2", "--runs", "1", "--json"],
+    ]
+    .concat();
+    let out = slam(&layers);
+    assert_succeeds(&out);
+    let value: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("one JSON object");
+    let rows = value["rows"].as_array().unwrap();
+    let count = |op: &str| -> u64 {
+        rows.iter()
+            .filter(|r| r["op"] == op)
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum()
+    };
+    let convs = 1 + 2 * 5 + 3;
+    assert_eq!((count("conv"), count("bn")), (convs, convs), "{value}");
+    assert!(
+        rows.iter()
+            .all(|r| r["forward_ms"].as_f64().unwrap() > 0.0
+                && r["backward_ms"].as_f64().unwrap() > 0.0),
+        "{value}"
+    );
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        &names[..4],
+        [
+            "conv7x7/2 3->4 @32",
+            "conv3x3/1 4->4 @8",
+            "conv1x1/2 4->8 @8",
+            "conv3x3/2 4->8 @8"
+        ],
+        "network order, input sides after the stem and its max pool"
+    );
+}
+
+#[test]
 fn inspect_describes_a_store_and_rejects_foreign_files() {
     use slam_ags::data::{BagLabel, PatchSize, StoreWriter};
     let dir = tempfile::tempdir().unwrap();

@@ -7,8 +7,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::args::{Device, EngineArgs, with_engine};
 use crate::engine::cuda::{CudaEngine, MatmulMode};
 use crate::feed::ViewSettings;
-use crate::pipeline::bench::{E2eBench, StepBench, StepTiming};
+use crate::pipeline::bench::{E2eBench, EmbedBench, StepBench, StepTiming, cpu_note};
 use crate::pipeline::kernels::{KernelBench, KernelRow};
+use crate::pipeline::layers::LayersBench;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -26,6 +27,27 @@ adds the peak GPU memory and the share of the device's measured matrix rate reac
 Each step runs 2 x batch images through the network (two views of every patch). Reports
 the median over the timed steps, after the warm-up ones.")]
     Step(BenchStepArgs),
+    /// Images per second of the eval-mode embedding forward pass (what `slam embed` runs).
+    #[command(after_help = "Examples:
+  slam bench embed                                  (ResNet-18, crop 224, 64 images per pass)
+  slam bench embed --crop 64 --batch 256 --passes 10
+  slam bench embed --device cuda --json
+
+A randomly initialized network on random inputs, batch norms with running statistics, to
+the projector output. Reports the median over the timed passes, after the warm-up ones.
+On the CPU the header names the processor and the SIMD level of the products.")]
+    Embed(BenchEmbedArgs),
+    /// Each distinct convolution and batch norm of one training pass, timed alone.
+    #[command(after_help = "Examples:
+  slam bench layers                                 (ResNet-18, crop 64, 32 images per pass)
+  slam bench layers --crop 224 --batch 32 --runs 3 --json
+
+Times every distinct convolution (forward; backward: input and weight gradients, the stem's
+weight gradient only) and batch norm with ReLU (training forward; backward through the mask)
+on random operands, and reports the fastest of --runs runs of each, with how many layers of
+one pass have that shape. pytorch/bench_cpu.py layers prints PyTorch's times for the same
+rows.")]
+    Layers(BenchLayersArgs),
     /// Each CUDA kernel timed with CUDA events, against the device's copy bandwidth.
     #[command(after_help = "Examples:
   slam bench kernels                     (the reference sizes: 11,701,824 parameters; 2n = 256 rows of 512)
@@ -61,6 +83,28 @@ pub struct BenchStepArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct BenchEmbedArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub bench: EmbedBench,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchLayersArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub bench: LayersBench,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchKernelsArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
@@ -85,6 +129,8 @@ pub struct BenchE2eArgs {
 pub fn run(cmd: &BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Step(args) => step(args),
+        BenchCommand::Embed(args) => embed(args),
+        BenchCommand::Layers(args) => layers(args),
         BenchCommand::Kernels(args) => kernels(args),
         BenchCommand::E2e(args) => e2e(args),
     }
@@ -132,6 +178,71 @@ fn step(args: &BenchStepArgs) -> Result<()> {
     };
     bar.finish_and_clear();
     print_step_timing(&timing, args.json)
+}
+
+fn embed(args: &BenchEmbedArgs) -> Result<()> {
+    let bench = &args.bench;
+    let bar = steps_bar(
+        (bench.warmup + bench.passes) as u64,
+        "embed [{bar:30}] {pos}/{len} passes {msg}",
+    )?;
+    let mut on_pass = |_: usize, seconds: f64| {
+        bar.set_message(format!("{:.1} images/s", bench.batch as f64 / seconds));
+        bar.inc(1);
+    };
+    let (header, timing) = with_engine!(args.engine, MatmulMode::Tf32, |eng| {
+        bench
+            .describe(eng)
+            .and_then(|header| Ok((header, bench.run(eng, &mut on_pass)?)))
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        eprintln!("{header}");
+        println!("{}", serde_json::to_string(&timing)?);
+        return Ok(());
+    }
+    println!("{header}");
+    println!("median pass      {:>10.1} ms", timing.median_pass_ms);
+    println!("images/s         {:>10.1}", timing.images_per_s);
+    Ok(())
+}
+
+fn layers(args: &BenchLayersArgs) -> Result<()> {
+    let bench = &args.bench;
+    let net = bench.net.resolve()?;
+    let header = format!(
+        "bench layers: {net}, crop {}, {} images per pass, fastest of {} runs, {} engine",
+        bench.crop,
+        bench.batch,
+        bench.runs,
+        args.engine.device.name()
+    );
+    let cpu = cpu_note(args.engine.device.name());
+    let bar = ProgressBar::new_spinner();
+    let mut on_layer = |row: &crate::pipeline::layers::LayerTiming| {
+        bar.set_message(row.name.clone());
+        bar.tick();
+    };
+    let rows = with_engine!(args.engine, MatmulMode::Tf32, |eng| bench
+        .run(eng, &mut on_layer))?;
+    bar.finish_and_clear();
+    if args.json {
+        eprintln!("{header}{cpu}");
+        println!("{}", serde_json::json!({ "rows": rows }));
+        return Ok(());
+    }
+    println!("{header}{cpu}");
+    println!(
+        "{:<28} {:>5} {:>12} {:>12}",
+        "layer", "count", "forward ms", "backward ms"
+    );
+    for row in &rows {
+        println!(
+            "{:<28} {:>5} {:>12.2} {:>12.2}",
+            row.name, row.count, row.forward_ms, row.backward_ms
+        );
+    }
+    Ok(())
 }
 
 fn print_step_timing(t: &StepTiming, json: bool) -> Result<()> {

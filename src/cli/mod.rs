@@ -47,6 +47,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
   slam init --out model.safetensors                 a fresh ResNet-18 + projector
   slam dump-step --out step.safetensors             one step, every tensor, for cross-checks
   slam bench step                                   time one training step (ResNet-18, crop 64)
+  slam bench embed                                  time the embedding forward pass (crop 224)
 
 Run `slam <command> --help` for each command's options."
 )]

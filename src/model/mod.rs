@@ -13,7 +13,7 @@ pub mod weak;
 
 pub use config::{NetConfig, NetSpec};
 pub use network::Network;
-pub use passes::Activations;
+pub use passes::{Activations, BN_EPS, BN_MOMENTUM};
 pub use state::ModelState;
 pub use step::{StepBatch, StepConfig, StepReport, Trainer};
 pub use surgery::Surgery;

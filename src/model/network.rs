@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use super::config::{NetConfig, STAGES};
+use crate::engine::Conv2d;
 
 /// One named tensor inside a flat buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +36,18 @@ pub struct ConvParams {
     pub kernel: usize,
     pub stride: usize,
     pub pad: usize,
+}
+
+impl ConvParams {
+    /// This convolution over `batch` images of `h x w`.
+    pub fn shape(&self, batch: usize, (h, w): (usize, usize)) -> Conv2d {
+        Conv2d::new(
+            batch,
+            (self.in_channels, self.out_channels),
+            (h, w),
+            (self.kernel, self.stride, self.pad),
+        )
+    }
 }
 
 /// A BatchNorm2d: views of `[weight; bias]` in the parameters and `[running_mean;
@@ -253,20 +266,20 @@ impl Network {
         [&self.proj_hidden, &self.proj_out]
     }
 
-    /// Every convolution of one forward pass at `crop x crop`, in order, with the side of
-    /// its output (the max pool after the stem included in the following sides).
-    fn conv_outputs(&self, crop: usize) -> Vec<(&ConvParams, usize)> {
-        let out = |size: usize, c: &ConvParams| (size + 2 * c.pad - c.kernel) / c.stride + 1;
-        let stem = out(crop, &self.stem_conv);
-        let mut convs = vec![(&self.stem_conv, stem)];
-        let mut size = (stem + 2 - 3) / 2 + 1; // max pool 3x3/2, pad 1
+    /// Every convolution of one forward pass of `batch` images at `crop x crop`, in order
+    /// (the max pool after the stem included in the following inputs).
+    pub fn conv_shapes(&self, batch: usize, crop: usize) -> Vec<Conv2d> {
+        let stem = self.stem_conv.shape(batch, (crop, crop));
+        let mut size = (stem.out_h() + 2 - 3) / 2 + 1; // max pool 3x3/2, pad 1
+        let mut convs = vec![stem];
         for block in &self.blocks {
             if let Some((conv, _)) = &block.downsample {
-                convs.push((conv, out(size, conv)));
+                convs.push(conv.shape(batch, (size, size)));
             }
-            size = out(size, &block.conv1);
-            convs.push((&block.conv1, size));
-            convs.push((&block.conv2, size));
+            let first = block.conv1.shape(batch, (size, size));
+            size = first.out_h();
+            convs.push(first);
+            convs.push(block.conv2.shape(batch, (size, size)));
         }
         convs
     }
@@ -275,9 +288,9 @@ impl Network {
     /// linear layers (a backward pass costs about twice as many).
     pub fn forward_macs(&self, crop: usize) -> u64 {
         let convs: u64 = self
-            .conv_outputs(crop)
+            .conv_shapes(1, crop)
             .iter()
-            .map(|(c, o)| (o * o * c.out_channels * c.in_channels * c.kernel * c.kernel) as u64)
+            .map(|s| s.macs() as u64)
             .sum();
         convs
             + self
@@ -292,16 +305,9 @@ impl Network {
     /// convolution's output and its batch norm's), the backward's temporaries, and the five
     /// flat buffers (parameters, momentum, g1, g2, running statistics).
     pub fn step_memory_bytes(&self, batch: usize, crop: usize) -> u64 {
-        let convs = self.conv_outputs(crop);
-        let per_image: u64 = convs
-            .iter()
-            .map(|(c, o)| (2 * c.out_channels * o * o) as u64)
-            .sum();
-        let largest = convs
-            .iter()
-            .map(|(c, o)| (c.out_channels * o * o) as u64)
-            .max()
-            .unwrap_or(0);
+        let convs = self.conv_shapes(1, crop);
+        let per_image: u64 = convs.iter().map(|s| 2 * s.out_len() as u64).sum();
+        let largest = convs.iter().map(|s| s.out_len() as u64).max().unwrap_or(0);
         let input = (3 * crop * crop) as u64;
         let floats = 2 * batch as u64 * (per_image + input)
             + 4 * batch as u64 * largest

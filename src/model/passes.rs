@@ -97,16 +97,7 @@ impl Network {
         residual: Option<&E::Buf>,
         relu: bool,
     ) -> Result<ConvBn<E>> {
-        let cs = Conv2d {
-            batch,
-            in_channels: conv.in_channels,
-            out_channels: conv.out_channels,
-            in_h: h,
-            in_w: w,
-            kernel: conv.kernel,
-            stride: conv.stride,
-            pad: conv.pad,
-        };
+        let cs = conv.shape(batch, (h, w));
         let mut conv_out = eng.alloc(cs.out_len())?;
         let weight = eng.view(params, conv.weight.clone());
         eng.conv2d_forward(&cs, eng.all(x), weight, eng.all_mut(&mut conv_out))?;

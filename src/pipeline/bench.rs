@@ -1,5 +1,6 @@
-//! Speed measurements: the training step on random inputs (`slam bench step`), and
-//! pretraining end to end from stored patches to updated parameters (`slam bench e2e`).
+//! Speed measurements: the training step on random inputs (`slam bench step`), the
+//! eval-mode embedding forward pass (`slam bench embed`), and pretraining end to end from
+//! stored patches to updated parameters (`slam bench e2e`).
 
 use std::time::Instant;
 
@@ -10,6 +11,7 @@ use serde::Serialize;
 use crate::data::build::plan::BagPlanConfig;
 use crate::data::build::synth::{SynthConfig, write_dataset};
 use crate::data::input::batch::HostBatch;
+use crate::engine::cpu::CpuInfo;
 use crate::engine::cuda::CudaEngine;
 use crate::engine::{Backend, Engine};
 use crate::feed::{Feed, ViewSettings};
@@ -88,10 +90,6 @@ impl StepBench {
     pub fn describe<E: Engine>(&self, eng: &E) -> Result<String> {
         let config = self.net.resolve()?;
         let n_pos = self.batch / 2;
-        let threads = match eng.name() {
-            "cpu" => format!(" on {} threads", rayon::current_num_threads()),
-            _ => String::new(),
-        };
         Ok(format!(
             "bench step: {config}, {} parameters, crop {}, batch {} ({} + {}), {} images per step, {} engine ({}){threads}",
             Network::new(config).param_len(),
@@ -102,6 +100,7 @@ impl StepBench {
             2 * self.batch,
             eng.name(),
             eng.precision(),
+            threads = cpu_note(eng.name()),
         ))
     }
 
@@ -159,6 +158,100 @@ impl StepBench {
         timing.peak_memory_bytes = eng.peak_memory_bytes()?;
         timing.matmul_rate = Some(eng.matmul_rate()?);
         Ok(timing)
+    }
+}
+
+/// `" on N threads of CPU"` for the CPU engine (by its name), nothing for others.
+pub fn cpu_note(engine: &str) -> String {
+    match engine {
+        "cpu" => format!(
+            " on {} threads of {}",
+            rayon::current_num_threads(),
+            CpuInfo::detect()
+        ),
+        _ => String::new(),
+    }
+}
+
+/// What `slam bench embed` times.
+#[derive(Args, Clone, Debug)]
+pub struct EmbedBench {
+    #[command(flatten)]
+    pub net: NetSpec,
+    /// Side of the center crops.
+    #[arg(long, default_value_t = 224)]
+    pub crop: usize,
+    /// Images per forward pass (`slam embed --batch`).
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Timed passes.
+    #[arg(long, default_value_t = 5)]
+    pub passes: usize,
+    /// Untimed passes first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+}
+
+/// What the timed passes measured.
+#[derive(Debug, Serialize)]
+pub struct EmbedTiming {
+    pub engine: &'static str,
+    pub precision: &'static str,
+    pub images_per_pass: usize,
+    pub median_pass_ms: f64,
+    pub images_per_s: f64,
+}
+
+impl EmbedBench {
+    /// One line naming what is timed on `eng`.
+    pub fn describe<E: Engine>(&self, eng: &E) -> Result<String> {
+        Ok(format!(
+            "bench embed: {}, eval-mode forward to the projector output, crop {}, {} images per pass, {} engine ({}){threads}",
+            self.net.resolve()?,
+            self.crop,
+            self.batch,
+            eng.name(),
+            eng.precision(),
+            threads = cpu_note(eng.name()),
+        ))
+    }
+
+    /// Times the eval-mode forward pass (what `slam embed` runs per batch) of a randomly
+    /// initialized network on random inputs: `warmup` untimed passes, then `passes` timed
+    /// ones; calls `on_pass(index, seconds)` after each. Reports the median.
+    pub fn run<E: Engine>(
+        &self,
+        eng: &E,
+        on_pass: &mut dyn FnMut(usize, f64),
+    ) -> Result<EmbedTiming> {
+        ensure!(self.passes > 0, "--passes must be at least 1");
+        ensure!(self.batch > 0, "--batch must be at least 1");
+        ensure!(self.crop > 0, "--crop must be at least 1");
+        let state = ModelState::init(self.net.resolve()?, 0)?;
+        let net = state.validate()?;
+        let params = eng.upload(&state.params)?;
+        let running = eng.upload(&state.running)?;
+        let input = eng.upload(&HostBatch::random(self.batch, 0, self.crop, 0).pos_i)?;
+        let mut seconds = Vec::new();
+        for i in 0..self.warmup + self.passes {
+            let start = Instant::now();
+            let acts = net.forward_eval(eng, &params, &running, &input, self.batch, self.crop)?;
+            drop(acts);
+            eng.synchronize()?;
+            let elapsed = start.elapsed().as_secs_f64();
+            if i >= self.warmup {
+                seconds.push(elapsed);
+            }
+            on_pass(i, elapsed);
+        }
+        let pass = median(seconds);
+        Ok(EmbedTiming {
+            engine: eng.name(),
+            precision: eng.precision(),
+            images_per_pass: self.batch,
+            median_pass_ms: pass * 1e3,
+            images_per_s: self.batch as f64 / pass,
+        })
     }
 }
 

@@ -62,7 +62,7 @@ pub struct KernelRow {
 }
 
 /// Random values in [-1, 1): never zeros, which can hide unwritten outputs and run faster.
-fn random(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+pub(crate) fn random(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::CpuEngine;
+use super::{CpuEngine, relu_mask};
 use crate::engine::{Linear, LinearBackward, LinearForward, LinearOps, Result};
 use crate::matmul::{Mat, gemm};
 
@@ -35,11 +35,10 @@ impl LinearOps for CpuEngine {
         a.check(s)?;
         let (dy, x) = (a.dy, a.x);
         if let Some(y) = a.relu_out {
-            dy.par_iter_mut().zip(y.par_iter()).for_each(|(g, &y)| {
-                if y <= 0.0 {
-                    *g = 0.0;
-                }
-            });
+            const CHUNK: usize = 1 << 14;
+            dy.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK))
+                .for_each(|(dy, y)| relu_mask(dy, y));
         }
         let weights = s.out_features * s.in_features;
         let w = Mat::rows(&a.wb[..weights], s.out_features, s.in_features);

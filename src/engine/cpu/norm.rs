@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::CpuEngine;
 use super::reduce::sum_pairs;
+use super::{CpuEngine, relu_mask};
 use crate::engine::{BatchNorm, BnBackward, BnForward, BnStats, NormOps, Result};
 
 /// `y = act(a x + b [+ r])` over one channel row: the affine form of a normalization.
@@ -95,11 +95,7 @@ impl NormOps for CpuEngine {
             .map(|(ch, (dy, dx))| {
                 let x = &x[ch * m..][..m];
                 if let Some(y) = relu_out {
-                    for (g, &y) in dy.iter_mut().zip(&y[ch * m..][..m]) {
-                        if y <= 0.0 {
-                            *g = 0.0;
-                        }
-                    }
+                    relu_mask(dy, &y[ch * m..][..m]);
                 }
                 let (mu, istd) = (mean[ch], invstd[ch]);
                 // dbeta = sum dy, dgamma = sum dy xhat.
