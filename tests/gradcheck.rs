@@ -1239,6 +1239,24 @@ fn embed(dirs: Vec<Vec<f32>>, range: Range<usize>, scale: &[f32]) -> Vec<Vec<f32
         .collect()
 }
 
+/// Directions over all parameters (the gradient's own and one random), then over each of
+/// `tensors` alone (its part of the gradient), each times `scale`.
+fn whole_and_tensor_directions(
+    rng: &mut ChaCha8Rng,
+    net: &Network,
+    grad: &[f32],
+    tensors: &[&str],
+    scale: &[f32],
+) -> Vec<Vec<f32>> {
+    let mut dirs = embed(directions(rng, grad, 1, 0), 0..grad.len(), scale);
+    for tensor in tensors {
+        let range = net.param(tensor).unwrap().range();
+        let d = directions(rng, &grad[range.clone()], 0, 0);
+        dirs.extend(embed(d, range, scale));
+    }
+    dirs
+}
+
 /// What the network's gradient is checked on.
 #[derive(Clone, Copy, Debug)]
 enum Objective {
@@ -1482,20 +1500,21 @@ fn gradcheck_trainer_task_gradients() {
             (got as f64 - want).abs() <= 1e-4 * want.abs(),
             "trainer {name}: loss {got}, reference {want}"
         );
-        let mut dirs = embed(directions(&mut rng, grad, 1, 0), 0..grad.len(), &scale);
-        for tensor in [
-            "encoder.0.weight",
-            "encoder.1.bias",
-            "encoder.4.0.conv2.weight",
-            "encoder.5.0.downsample.0.weight",
-            "encoder.7.0.bn2.weight",
-            "projector.fc.0.weight",
-            "projector.fc.2.bias",
-        ] {
-            let range = net.param(tensor).unwrap().range();
-            let d = directions(&mut rng, &grad[range.clone()], 0, 0);
-            dirs.extend(embed(d, range, &scale));
-        }
+        let dirs = whole_and_tensor_directions(
+            &mut rng,
+            &net,
+            grad,
+            &[
+                "encoder.0.weight",
+                "encoder.1.bias",
+                "encoder.4.0.conv2.weight",
+                "encoder.5.0.downsample.0.weight",
+                "encoder.7.0.bn2.weight",
+                "projector.fc.0.weight",
+                "projector.fc.2.bias",
+            ],
+            &scale,
+        );
         check_f64(
             &format!("trainer {name}"),
             &params,
@@ -1670,16 +1689,17 @@ fn gradcheck_weak_baseline() {
     let scale = param_scale(&net, &params);
     let mut rng = rng(174);
     let grad = &trainer.g1;
-    let mut dirs = embed(directions(&mut rng, grad, 1, 0), 0..grad.len(), &scale);
-    for tensor in [
-        "encoder.0.weight",
-        "encoder.4.0.conv2.weight",
-        "encoder.7.0.bn2.bias",
-    ] {
-        let range = net.param(tensor).unwrap().range();
-        let d = directions(&mut rng, &grad[range.clone()], 0, 0);
-        dirs.extend(embed(d, range, &scale));
-    }
+    let dirs = whole_and_tensor_directions(
+        &mut rng,
+        &net,
+        grad,
+        &[
+            "encoder.0.weight",
+            "encoder.4.0.conv2.weight",
+            "encoder.7.0.bn2.bias",
+        ],
+        &scale,
+    );
     let projector = net.param("projector.fc.0.weight").unwrap().range();
     assert!(
         grad[projector].iter().all(|&g| g == 0.0),

@@ -29,6 +29,27 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Runs `body` `warmup` untimed then `timed` timed times, calling `on_run(index, seconds)`
+/// after each; returns the timed runs' seconds and what `body` returned for each.
+fn timed_runs<T>(
+    warmup: usize,
+    timed: usize,
+    on_run: &mut dyn FnMut(usize, f64),
+    mut body: impl FnMut() -> Result<T>,
+) -> Result<Vec<(f64, T)>> {
+    let mut runs = Vec::with_capacity(timed);
+    for i in 0..warmup + timed {
+        let start = Instant::now();
+        let out = body()?;
+        let seconds = start.elapsed().as_secs_f64();
+        if i >= warmup {
+            runs.push((seconds, out));
+        }
+        on_run(i, seconds);
+    }
+    Ok(runs)
+}
+
 /// What `slam bench step` times.
 #[derive(Args, Clone, Debug)]
 pub struct StepBench {
@@ -120,18 +141,11 @@ impl StepBench {
         trainer.timed = true;
         let device_batch = StepBatch::upload(eng, &batch)?;
         let images = 2 * self.batch;
-        let (mut step_seconds, mut update_share) = (Vec::new(), Vec::new());
-        for i in 0..self.warmup + self.steps {
-            let start = Instant::now();
-            let report = trainer.step(eng, &device_batch, &self.step, self.step.lr as f64, None)?;
-            let seconds = start.elapsed().as_secs_f64();
-            if i >= self.warmup {
-                step_seconds.push(seconds);
-                update_share.push(report.seconds_update / seconds);
-            }
-            on_step(i, seconds);
-        }
-        let step = median(step_seconds);
+        let runs = timed_runs(self.warmup, self.steps, on_step, || {
+            trainer.step(eng, &device_batch, &self.step, self.step.lr as f64, None)
+        })?;
+        let update_share = runs.iter().map(|(s, r)| r.seconds_update / s).collect();
+        let step = median(runs.into_iter().map(|(s, _)| s).collect());
         let flops = 3.0 * 2.0 * Network::new(config).forward_macs(self.crop) as f64 * images as f64;
         Ok(StepTiming {
             engine: eng.name(),
@@ -232,19 +246,11 @@ impl EmbedBench {
         let params = eng.upload(&state.params)?;
         let running = eng.upload(&state.running)?;
         let input = eng.upload(&HostBatch::random(self.batch, 0, self.crop, 0).pos_i)?;
-        let mut seconds = Vec::new();
-        for i in 0..self.warmup + self.passes {
-            let start = Instant::now();
-            let acts = net.forward_eval(eng, &params, &running, &input, self.batch, self.crop)?;
-            drop(acts);
-            eng.synchronize()?;
-            let elapsed = start.elapsed().as_secs_f64();
-            if i >= self.warmup {
-                seconds.push(elapsed);
-            }
-            on_pass(i, elapsed);
-        }
-        let pass = median(seconds);
+        let runs = timed_runs(self.warmup, self.passes, on_pass, || {
+            drop(net.forward_eval(eng, &params, &running, &input, self.batch, self.crop)?);
+            eng.synchronize()
+        })?;
+        let pass = median(runs.into_iter().map(|(s, ())| s).collect());
         Ok(EmbedTiming {
             engine: eng.name(),
             precision: eng.precision(),
