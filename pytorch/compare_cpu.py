@@ -16,6 +16,7 @@ What each item runs:
   step224  slam bench step --crop 224 --batch 64    (the same at crop 224)
   embed    slam bench embed --crop 224 --batch 64   (eval-mode forward, 64 images per pass)
   layers   slam bench layers --crop 64 --batch 32   (each distinct conv and batch norm)
+  layers224  the same at crop 224
 """
 
 import argparse
@@ -30,6 +31,7 @@ ITEMS = {
     "step224": (["step", "--crop", "224", "--batch", "64"], ["step", "--crop", "224", "--batch", "64"]),
     "embed": (["embed", "--crop", "224", "--batch", "64"], ["embed", "--crop", "224", "--batch", "64"]),
     "layers": (["layers", "--crop", "64", "--batch", "32"], ["layers", "--crop", "64", "--batch", "32"]),
+    "layers224": (["layers", "--crop", "224", "--batch", "32"], ["layers", "--crop", "224", "--batch", "32"]),
 }
 
 
@@ -71,7 +73,7 @@ def report_rate(item, ours, theirs, header):
     return dict(item=item, ours=best_ours, torch=best_torch, ratio=best_ours / best_torch)
 
 
-def report_layers(ours, theirs, header):
+def report_layers(item, ours, theirs, header):
     def best(results):
         rows = {}
         for result in results:
@@ -83,7 +85,7 @@ def report_layers(ours, theirs, header):
 
     mine, torch_rows = best(ours), best(theirs)
     t = theirs[0]
-    print(f"## layers\n{header}")
+    print(f"## {item}\n{header}")
     print(f"PyTorch {t['torch']} on {t['threads']} threads of {t['cpu']} (ATen SIMD level {t['simd']})")
     print("best of each row over all runs; per pass = count x (forward + backward); ratio = PyTorch ms / ours ms")
     print(f"| layer | count | ours fwd ms | PyTorch fwd ms | fwd ratio | ours bwd ms | PyTorch bwd ms | bwd ratio | ours per pass ms | PyTorch per pass ms |")
@@ -97,7 +99,7 @@ def report_layers(ours, theirs, header):
               f"{other['forward_ms'] / row['forward_ms']:.2f} | {row['backward_ms']:.2f} | {other['backward_ms']:.2f} | "
               f"{other['backward_ms'] / row['backward_ms']:.2f} | {per_pass[0]:.1f} | {per_pass[1]:.1f} |")
     print(f"| all listed layers, one pass | | | | | | | | {totals[0]:.1f} | {totals[1]:.1f} |\n")
-    return dict(item="layers", ours=totals[0], torch=totals[1], ratio=totals[1] / totals[0])
+    return dict(item=item, ours=totals[0], torch=totals[1], ratio=totals[1] / totals[0])
 
 
 def main():
@@ -115,11 +117,11 @@ def main():
     summary = []
     for item in args.items or ["step64", "step224", "embed"]:
         ours, theirs, header = measure(item, args)
-        summary.append(report_layers(ours, theirs, header) if item == "layers"
+        summary.append(report_layers(item, ours, theirs, header) if item.startswith("layers")
                        else report_rate(item, ours, theirs, header))
     print("| item | ours | PyTorch | ratio (ours / PyTorch speed) |\n|---|---:|---:|---:|")
     for s in summary:
-        unit = "ms per pass" if s["item"] == "layers" else "images/s"
+        unit = "ms per pass" if s["item"].startswith("layers") else "images/s"
         print(f"| {s['item']} | {s['ours']:.1f} {unit} | {s['torch']:.1f} {unit} | {s['ratio']:.2f} |")
 
 

@@ -427,7 +427,7 @@ impl Run {
                 observer.epoch(&summary);
             }
             let stop = observer.stop_requested();
-            if self.step % self.config.checkpoint_every == 0 || self.step == end || stop {
+            if self.step.is_multiple_of(self.config.checkpoint_every) || self.step == end || stop {
                 metrics.flush()?;
                 epochs.flush()?;
                 let state = trainer.state(eng)?;

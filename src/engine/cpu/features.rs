@@ -1,6 +1,6 @@
-//! What the CPU engine runs on: the processor's name and numbers, and the SIMD level its
+//! What the CPU engine runs on: the processor's name and numbers, the SIMD level its
 //! matrix products were dispatched to at run time (the `gemm` crate picks its kernels from
-//! the CPU's features when the program starts).
+//! the CPU's features when the program starts), and how it runs the 3x3 convolutions.
 
 /// The processor and the SIMD level the engine's products use on it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -11,6 +11,9 @@ pub struct CpuInfo {
     pub family_model: Option<String>,
     /// The widest vector instructions the products use here.
     pub simd: &'static str,
+    /// How the stride-1 3x3 convolutions run here: direct AVX-512 kernels, or unfolded
+    /// products.
+    pub conv3x3: &'static str,
 }
 
 impl CpuInfo {
@@ -30,6 +33,11 @@ impl CpuInfo {
             model: field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_owned()),
             family_model,
             simd: matmul_simd(),
+            conv3x3: if super::conv3x3::available() {
+                "direct AVX-512 kernels"
+            } else {
+                "unfolded products"
+            },
         }
     }
 }
@@ -40,7 +48,11 @@ impl std::fmt::Display for CpuInfo {
         if let Some(numbers) = &self.family_model {
             write!(f, " ({numbers})")?;
         }
-        write!(f, ", products in {}", self.simd)
+        write!(
+            f,
+            ", products in {}, stride-1 3x3 convolutions by {}",
+            self.simd, self.conv3x3
+        )
     }
 }
 

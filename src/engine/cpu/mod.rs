@@ -6,6 +6,7 @@
 //! depend on the thread count. Each op family is implemented in its own file.
 
 mod conv;
+mod conv3x3;
 mod features;
 mod linear;
 mod loss;

@@ -141,7 +141,7 @@ pub fn check_augment(
     }
     let bytes = shape.patch_bytes();
     ensure!(
-        pixels_len % bytes == 0,
+        pixels_len.is_multiple_of(bytes),
         "a pixel array of {pixels_len} bytes is not a whole number of {h}x{w} RGB patches ({bytes} bytes each)"
     );
     let patches = pixels_len / bytes;
@@ -248,8 +248,8 @@ impl CudaEngine {
             )?;
         }
         let vec = u32::from(
-            shape.crop % 4 == 0
-                && *out.ptr() % 16 == 0
+            shape.crop.is_multiple_of(4)
+                && (*out.ptr()).is_multiple_of(16)
                 && views.iter().all(|v| v.out_offset % 4 == 0),
         );
         let (h, w, crop) = (

@@ -533,11 +533,11 @@ fn open_results(config: &ExperimentConfig) -> Result<Done> {
         // file keeps the complete lines in their order.
         let mut kept = String::new();
         for line in text.lines() {
-            if let Ok(result) = serde_json::from_str::<RunResult>(line) {
-                if done.insert(result.key(), result).is_none() {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
+            if let Ok(result) = serde_json::from_str::<RunResult>(line)
+                && done.insert(result.key(), result).is_none()
+            {
+                kept.push_str(line);
+                kept.push('\n');
             }
         }
         if kept != text {

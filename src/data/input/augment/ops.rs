@@ -189,7 +189,7 @@ pub(super) fn check_hue(f: f32) -> Result<()> {
 /// The three planes of a CHW RGB image.
 fn planes(img: &mut [f32]) -> Result<(&mut [f32], &mut [f32], &mut [f32])> {
     ensure!(
-        img.len() % 3 == 0,
+        img.len().is_multiple_of(3),
         "a CHW RGB image has 3 equal planes; {} values do not split into 3",
         img.len()
     );

@@ -92,7 +92,7 @@ pub fn render_batch(
     cfg.validate(size)?;
     let bytes = size.bytes();
     ensure!(
-        pixels.len() % bytes == 0,
+        pixels.len().is_multiple_of(bytes),
         "a pixel array of {} bytes is not a whole number of {size} patches ({bytes} bytes each)",
         pixels.len()
     );
