@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::scratch::with_scratch;
-use super::{CpuEngine, conv3x3};
+use super::{CpuEngine, conv3x3, stem};
 use crate::engine::{Conv2d, ConvBackward, ConvOps, Result};
 use crate::matmul::{Mat, gemm};
 
@@ -26,6 +26,10 @@ impl ConvOps for CpuEngine {
     fn conv2d_backward(&self, s: &Conv2d, a: ConvBackward<'_, Self>) -> Result<()> {
         a.check(s)?;
         let mut dx = a.dx;
+        if dx.is_none() && stem::applies(s) {
+            stem::weight_gradient(s, a.x, a.dy, a.dw);
+            return Ok(());
+        }
         if conv3x3::applies(s) {
             if let Some(dx) = dx.take() {
                 conv3x3::input_gradient(s, a.w, a.dy, dx);
@@ -228,7 +232,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    use super::{backward, conv3x3, forward};
+    use super::{backward, conv3x3, forward, stem};
     use crate::engine::Conv2d;
 
     fn random(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
@@ -292,5 +296,30 @@ mod tests {
             checked += 1;
         }
         println!("{checked} of {} shapes checked", shapes.len());
+    }
+
+    /// The stem's direct weight gradient against the unfolded product, at crop 64's shape
+    /// with 3 images and at a narrower one with an odd height.
+    #[test]
+    fn direct_stem_weight_gradient_matches_the_unfolded_product() {
+        for (seed, (batch, cout, h, w)) in [(3, 64, 64, 64), (2, 5, 37, 63)].into_iter().enumerate()
+        {
+            let s = Conv2d::new(batch, (3, cout), (h, w), (7, 2, 3));
+            if !stem::applies(&s) {
+                println!("skipped {s:?}: the direct kernel does not run it on this CPU");
+                continue;
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(10 + seed as u64);
+            let (x, wt, dy) = (
+                random(&mut rng, s.in_len()),
+                random(&mut rng, s.weight_len()),
+                random(&mut rng, s.out_len()),
+            );
+            let dw0 = random(&mut rng, s.weight_len());
+            let (mut direct, mut unfolded) = (dw0.clone(), dw0);
+            stem::weight_gradient(&s, &x, &dy, &mut direct);
+            backward(&s, &x, &wt, &dy, &mut unfolded, None);
+            assert_close("stem weight gradient", &direct, &unfolded);
+        }
     }
 }

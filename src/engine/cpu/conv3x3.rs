@@ -25,9 +25,10 @@
 use rayon::prelude::*;
 
 use super::scratch::with_scratch;
+use super::simd;
 use crate::engine::Conv2d;
 
-const TAPS: usize = 9;
+const TAPS: usize = simd::TAPS_3X3;
 
 /// A micro-kernel's tile: `rows` output channels x `vectors` 16-lane vectors of pixels, all
 /// in registers (20 to 24 of the 32).
@@ -78,19 +79,7 @@ fn tile_shape(s: &Conv2d) -> Option<TileShape> {
 /// Whether the direct kernel runs `s` on this CPU: a 3x3 stride-1 "same" convolution, on
 /// AVX-512F, over images wide enough to fill a tile's vectors (see [`MIN_USEFUL`]).
 pub(super) fn applies(s: &Conv2d) -> bool {
-    s.kernel == 3 && s.stride == 1 && s.pad == 1 && available() && tile_shape(s).is_some()
-}
-
-/// Whether this CPU runs the direct kernels (AVX-512F).
-pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    s.kernel == 3 && s.stride == 1 && s.pad == 1 && simd::available() && tile_shape(s).is_some()
 }
 
 /// The bordered layout of one `[C, N, h, w]` batch.
@@ -207,7 +196,7 @@ fn convolve<const MR: usize, const NV: usize>(
     // An input channel's rows around a tile, and its weights.
     let channel_bytes = 4 * (tile + 2 * g.pw + 2 + TAPS * MR);
     let cin_block = (PASS_BYTES / channel_bytes).clamp(8, 64);
-    let strides = kernels::Strides {
+    let strides = simd::Strides {
         x: g.channel,
         y: g.out_image,
         offsets,
@@ -225,7 +214,7 @@ fn convolve<const MR: usize, const NV: usize>(
                     // (asserted above) and at or after `x0 + offsets[0] >= 0`; the tile
                     // writes `MR` rows of `tile` values inside `out`, rows `out_image` apart.
                     unsafe {
-                        kernels::output_tile::<MR, NV>(
+                        simd::output_tile::<MR, NV>(
                             xb.as_ptr().add(x0),
                             &strides,
                             channels,
@@ -334,9 +323,6 @@ pub(super) fn weight_gradient_applies(s: &Conv2d) -> bool {
 const SPAN_PIXELS: usize = 4096;
 const SPAN_BYTES: usize = 1 << 20;
 
-/// Output channels per weight-gradient tile (with the nine taps: 27 accumulators).
-const DW_ROWS: usize = 3;
-
 /// `dw[co, ci, t] += sum_q dyb[co, q] xb[ci, q + off_t]`, both bordered (zero borders),
 /// over every pixel from the first inner one to the last. Spans of pixels one after the
 /// other, each adding its partial sums in order: a fixed order whatever the
@@ -346,11 +332,6 @@ pub(super) fn weight_gradient(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32])
     let g = Bordered::new(s, 16);
     let first = g.first_inner();
     let span = (s.batch * g.image - 2 * first).div_ceil(16) * 16;
-    let strides = kernels::Strides {
-        x: g.channel,
-        y: g.channel,
-        offsets: g.tap_offsets(),
-    };
     // Reads reach `first + span + pw + 1`, inside the channel's zero tail (17 values: the
     // up to 15 of rounding `span` up, and the `pw + 1 = first` of the shift).
     assert!(first + span + first <= g.channel);
@@ -363,188 +344,35 @@ pub(super) fn weight_gradient(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32])
         sums.fill(0.0);
         let (xb, dyb) = (&*xb, &*dyb);
         // Output channels whose rows over a span fit the budget.
-        let co_block = (SPAN_BYTES / (4 * SPAN_PIXELS)).next_multiple_of(DW_ROWS);
+        let co_block = (SPAN_BYTES / (4 * SPAN_PIXELS)).next_multiple_of(simd::GRAD_ROWS);
         for q0 in (first..first + span).step_by(SPAN_PIXELS) {
-            let len = SPAN_PIXELS.min(first + span - q0);
+            let walk = simd::Walk {
+                dy_channel: g.channel,
+                offsets: g.tap_offsets(),
+                rows: 1,
+                vectors: SPAN_PIXELS.min(first + span - q0) / 16,
+                dy_row: 0,
+                x_row: 0,
+            };
             for co_start in (0..cout).step_by(co_block) {
                 let co_end = cout.min(co_start + co_block);
                 // `sums[ci, co, t]`: one input channel per unit.
                 sums.par_chunks_mut(cout * TAPS)
                     .enumerate()
                     .for_each(|(ci, sums)| {
-                        for co0 in (co_start..co_end).step_by(DW_ROWS) {
-                            let rows = DW_ROWS.min(co_end - co0);
+                        for co0 in (co_start..co_end).step_by(simd::GRAD_ROWS) {
+                            let rows = simd::GRAD_ROWS.min(co_end - co0);
                             let sums = &mut sums[co0 * TAPS..][..rows * TAPS];
                             let dy = &dyb[co0 * g.channel + q0..];
                             let x = &xb[ci * g.channel + q0..];
                             // SAFETY: `applies` checked AVX-512F; rows `co0..co0 + rows` of
-                            // `dyb` and row `ci` of `xb` are read over `q0..q0 + len`
-                            // (shifted by at most `first`), inside by the assert above.
-                            unsafe { weight_tile(rows, (dy, x), &strides, len / 16, sums) };
+                            // `dyb` and row `ci` of `xb` are read over the walk's span from
+                            // `q0` (shifted by at most `first`), inside by the assert above.
+                            unsafe { simd::weight_tile(rows, (dy, x), &walk, sums) };
                         }
                     });
             }
         }
-        let sums = &*sums;
-        dw.par_chunks_mut(cin * TAPS)
-            .enumerate()
-            .for_each(|(co, dw)| {
-                for (i, d) in dw.iter_mut().enumerate() {
-                    *d += sums[((i / TAPS) * cout + co) * TAPS + i % TAPS];
-                }
-            });
+        simd::add_weight_sums(sums, (cout, cin, TAPS), dw);
     });
-}
-
-/// [`kernels::weight_tile`] for `rows` of 1 to [`DW_ROWS`] output channels, from the starts
-/// of their slices.
-///
-/// # Safety
-/// As for [`kernels::weight_tile`].
-unsafe fn weight_tile(
-    rows: usize,
-    (dy, x): (&[f32], &[f32]),
-    strides: &kernels::Strides,
-    vectors: usize,
-    sums: &mut [f32],
-) {
-    let (dy, x) = (dy.as_ptr(), x.as_ptr());
-    // SAFETY: passed on to the caller.
-    unsafe {
-        match rows {
-            DW_ROWS => kernels::weight_tile::<DW_ROWS>(dy, x, strides, vectors, sums),
-            2 => kernels::weight_tile::<2>(dy, x, strides, vectors, sums),
-            _ => kernels::weight_tile::<1>(dy, x, strides, vectors, sums),
-        }
-    }
-}
-
-/// The micro-kernels. [`applies`] is false off x86-64 or without AVX-512F, and nothing
-/// here runs then.
-mod kernels {
-    #[cfg(target_arch = "x86_64")]
-    use std::arch::x86_64::*;
-
-    use super::TAPS;
-
-    /// Distances, in values, between the rows a kernel reads and writes.
-    pub(super) struct Strides {
-        /// Between input channels.
-        pub x: usize,
-        /// Between output rows (channels).
-        pub y: usize,
-        /// Of each tap from its output pixel.
-        pub offsets: [isize; TAPS],
-    }
-
-    /// One `MR x NV*16` output tile: `y[r * s.y + p] (+)= sum_{ci, t} w[(ci * TAPS + t) *
-    /// MR + r] x[ci * s.x + p + s.offsets[t]]`, added to what `y` holds when `accumulate`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; every read and write named above is inside its buffer.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn output_tile<const MR: usize, const NV: usize>(
-        x: *const f32,
-        s: &Strides,
-        cin: usize,
-        w: *const f32,
-        y: *mut f32,
-        accumulate: bool,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        if accumulate {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                for (v, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: inside `y` by the caller's promise.
-                    *a = unsafe { _mm512_loadu_ps(y.add(r * s.y + 16 * v)) };
-                }
-            }
-        }
-        for ci in 0..cin {
-            // SAFETY: inside the buffers by the caller's promise.
-            unsafe {
-                let x_c = x.add(ci * s.x);
-                let w_c = w.add(ci * TAPS * MR);
-                for (t, &offset) in s.offsets.iter().enumerate() {
-                    let x_t = x_c.offset(offset);
-                    let xs: [__m512; NV] =
-                        std::array::from_fn(|v| _mm512_loadu_ps(x_t.add(16 * v)));
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*w_c.add(t * MR + r));
-                        for (a, &xv) in acc.iter_mut().zip(&xs) {
-                            *a = _mm512_fmadd_ps(wv, xv, *a);
-                        }
-                    }
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (v, &a) in acc.iter().enumerate() {
-                // SAFETY: inside `y` by the caller's promise.
-                unsafe { _mm512_storeu_ps(y.add(r * s.y + 16 * v), a) };
-            }
-        }
-    }
-
-    /// Partial weight gradients of `ROWS` output channels and one input channel over
-    /// `vectors * 16` pixels: `sums[r * TAPS + t] += sum_p dy[r * s.y + p] x[p +
-    /// s.offsets[t]]`. `ROWS` is a constant so that the `ROWS x 9` sums stay in registers.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; every read named above is inside its buffer.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weight_tile<const ROWS: usize>(
-        dy: *const f32,
-        x: *const f32,
-        s: &Strides,
-        vectors: usize,
-        sums: &mut [f32],
-    ) {
-        // Sums `r * TAPS + t`, in one flat array: LLVM keeps that in registers, where an
-        // array of arrays made it shuffle registers around the loop.
-        let mut acc = [_mm512_setzero_ps(); 27];
-        for v in 0..vectors {
-            // SAFETY: inside the buffers by the caller's promise.
-            unsafe {
-                let mut dys = [_mm512_setzero_ps(); 3];
-                for (r, d) in dys.iter_mut().enumerate().take(ROWS) {
-                    *d = _mm512_loadu_ps(dy.add(r * s.y + 16 * v));
-                }
-                for t in 0..TAPS {
-                    let xv = _mm512_loadu_ps(x.offset(s.offsets[t]).add(16 * v));
-                    for r in 0..ROWS {
-                        acc[r * TAPS + t] = _mm512_fmadd_ps(dys[r], xv, acc[r * TAPS + t]);
-                    }
-                }
-            }
-        }
-        for (i, sum) in sums.iter_mut().enumerate().take(ROWS * TAPS) {
-            *sum += _mm512_reduce_add_ps(acc[i]);
-        }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    pub(super) unsafe fn output_tile<const MR: usize, const NV: usize>(
-        _: *const f32,
-        _: &Strides,
-        _: usize,
-        _: *const f32,
-        _: *mut f32,
-        _: bool,
-    ) {
-        unreachable!("the direct 3x3 convolution runs only on x86-64 with AVX-512F")
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    pub(super) unsafe fn weight_tile<const ROWS: usize>(
-        _: *const f32,
-        _: *const f32,
-        _: &Strides,
-        _: usize,
-        _: &mut [f32],
-    ) {
-        unreachable!("the direct 3x3 convolution runs only on x86-64 with AVX-512F")
-    }
 }

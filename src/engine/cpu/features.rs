@@ -1,6 +1,6 @@
 //! What the CPU engine runs on: the processor's name and numbers, the SIMD level its
 //! matrix products were dispatched to at run time (the `gemm` crate picks its kernels from
-//! the CPU's features when the program starts), and how it runs the 3x3 convolutions.
+//! the CPU's features when the program starts), and how it runs the convolutions.
 
 /// The processor and the SIMD level the engine's products use on it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -11,9 +11,9 @@ pub struct CpuInfo {
     pub family_model: Option<String>,
     /// The widest vector instructions the products use here.
     pub simd: &'static str,
-    /// How the stride-1 3x3 convolutions run here: direct AVX-512 kernels, or unfolded
-    /// products.
-    pub conv3x3: &'static str,
+    /// How the convolutions run here: the direct AVX-512 kernels (the stride-1 3x3 layers,
+    /// the stem's weight gradient) where they apply, or unfolded products throughout.
+    pub convolutions: &'static str,
 }
 
 impl CpuInfo {
@@ -33,8 +33,8 @@ impl CpuInfo {
             model: field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_owned()),
             family_model,
             simd: matmul_simd(),
-            conv3x3: if super::conv3x3::available() {
-                "direct AVX-512 kernels"
+            convolutions: if super::simd::available() {
+                "direct AVX-512 kernels where they apply"
             } else {
                 "unfolded products"
             },
@@ -50,8 +50,8 @@ impl std::fmt::Display for CpuInfo {
         }
         write!(
             f,
-            ", products in {}, stride-1 3x3 convolutions by {}",
-            self.simd, self.conv3x3
+            ", products in {}, convolutions by {}",
+            self.simd, self.convolutions
         )
     }
 }

@@ -14,6 +14,8 @@ mod norm;
 mod pool;
 mod reduce;
 mod scratch;
+mod simd;
+mod stem;
 mod update;
 
 use std::ops::Range;
