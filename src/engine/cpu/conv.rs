@@ -246,8 +246,13 @@ mod tests {
             .zip(want)
             .map(|(g, w)| (g - w).abs())
             .fold(0.0f32, f32::max);
+        println!(
+            "{what}: largest difference {worst:.2e}, {:.2e} of the largest value",
+            worst / scale
+        );
+        // Two f32 sums of up to a few thousand terms in different orders.
         assert!(
-            worst <= 2e-6 * scale * 64.0,
+            worst <= 1e-5 * scale,
             "{what}: differs by {worst} (scale {scale})"
         );
     }
