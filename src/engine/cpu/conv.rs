@@ -303,6 +303,41 @@ mod tests {
         println!("{checked} of {} shapes checked", shapes.len());
     }
 
+    /// An empty batch or no channels is no work for any path, and no panic.
+    #[test]
+    fn empty_convolutions_are_no_work() {
+        use crate::engine::{ConvBackward, ConvOps};
+        let engine = super::CpuEngine;
+        for (batch, cin, cout, k, stride, pad) in [
+            (0, 4, 8, 3, 1, 1),
+            (2, 0, 8, 3, 1, 1),
+            (2, 4, 0, 3, 1, 1),
+            (0, 3, 64, 7, 2, 3),
+        ] {
+            let s = Conv2d::new(batch, (cin, cout), (32, 32), (k, stride, pad));
+            let (x, w, dy): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                vec![1.0; s.in_len()],
+                vec![1.0; s.weight_len()],
+                vec![1.0; s.out_len()],
+            );
+            let mut y = vec![0.0; s.out_len()];
+            engine
+                .conv2d_forward(&s, &x[..], &w[..], &mut y[..])
+                .unwrap();
+            let (mut dw, mut dx) = (vec![0.0; s.weight_len()], vec![0.0; s.in_len()]);
+            let grads = ConvBackward::<super::CpuEngine> {
+                x: &x[..],
+                w: &w[..],
+                dy: &dy[..],
+                dw: &mut dw[..],
+                dx: Some(&mut dx[..]),
+            };
+            engine.conv2d_backward(&s, grads).unwrap();
+            // With no images there is nothing to sum: the weight gradient stays zero.
+            assert!(dw.iter().all(|&g| g == 0.0), "{s:?}");
+        }
+    }
+
     /// The stem's direct weight gradient against the unfolded product, at crop 64's shape
     /// with 3 images and at a narrower one with an odd height.
     #[test]

@@ -79,7 +79,12 @@ fn tile_shape(s: &Conv2d) -> Option<TileShape> {
 /// Whether the direct kernel runs `s` on this CPU: a 3x3 stride-1 "same" convolution, on
 /// AVX-512F, over images wide enough to fill a tile's vectors (see [`MIN_USEFUL`]).
 pub(super) fn applies(s: &Conv2d) -> bool {
-    s.kernel == 3 && s.stride == 1 && s.pad == 1 && simd::available() && tile_shape(s).is_some()
+    s.kernel == 3
+        && s.stride == 1
+        && s.pad == 1
+        && s.batch * s.in_channels * s.out_channels > 0
+        && simd::available()
+        && tile_shape(s).is_some()
 }
 
 /// The bordered layout of one `[C, N, h, w]` batch.

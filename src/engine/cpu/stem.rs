@@ -30,6 +30,7 @@ pub(super) fn applies(s: &Conv2d) -> bool {
         && s.stride == 2
         && s.pad == PAD
         && s.out_w().is_multiple_of(16)
+        && s.batch * s.in_channels * s.out_channels * s.out_w() > 0
         && simd::available()
 }
 
