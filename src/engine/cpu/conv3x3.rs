@@ -365,16 +365,11 @@ pub(super) fn weight_gradient(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32])
                 sums.par_chunks_mut(cout * TAPS)
                     .enumerate()
                     .for_each(|(ci, sums)| {
-                        for co0 in (co_start..co_end).step_by(simd::GRAD_ROWS) {
-                            let rows = simd::GRAD_ROWS.min(co_end - co0);
-                            let sums = &mut sums[co0 * TAPS..][..rows * TAPS];
-                            let dy = &dyb[co0 * g.channel + q0..];
-                            let x = &xb[ci * g.channel + q0..];
-                            // SAFETY: `applies` checked AVX-512F; rows `co0..co0 + rows` of
-                            // `dyb` and row `ci` of `xb` are read over the walk's span from
-                            // `q0` (shifted by at most `first`), inside by the assert above.
-                            unsafe { simd::weight_tile(rows, (dy, x), &walk, sums) };
-                        }
+                        let (dy, x) = (&dyb[q0..], &xb[ci * g.channel + q0..]);
+                        // SAFETY: `applies` checked AVX-512F; rows `co_start..co_end` of
+                        // `dyb` and row `ci` of `xb` are read over the walk's span from `q0`
+                        // (shifted by at most `first`), inside by the assert above.
+                        unsafe { simd::weight_tiles(co_start..co_end, (dy, x), &walk, sums) };
                     });
             }
         }

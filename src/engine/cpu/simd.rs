@@ -39,7 +39,7 @@ pub(super) struct Strides {
     pub offsets: [isize; TAPS_3X3],
 }
 
-/// How [`weight_tile`] walks the pixels: `rows` rows of `vectors` 16-pixel vectors, row `i`
+/// How [`weight_tiles`] walks the pixels: `rows` rows of `vectors` 16-pixel vectors, row `i`
 /// starting `i * dy_row` values into the output gradient and `i * x_row` into the input.
 pub(super) struct Walk<const TAPS: usize> {
     /// Between the output-gradient rows of consecutive output channels.
@@ -142,33 +142,38 @@ unsafe fn weight_tile_of<const ROWS: usize, const TAPS: usize>(
     }
 }
 
-/// [`weight_tile_of`] for `rows` of 1 to [`GRAD_ROWS`] output channels, from the starts of
-/// the `dy` and `x` slices, into `sums` (`rows * TAPS` values).
+/// [`weight_tile_of`] over output channels `channels`, in tiles of up to [`GRAD_ROWS`]:
+/// `sums[co * TAPS + t] += sum_p dy[co * w.dy_channel + p] x[p + w.offsets[t]]`, `dy` and
+/// `x` read from the starts of their slices, `sums` one input unit's `[cout, TAPS]`.
 ///
 /// # Safety
-/// As for [`weight_tile_of`].
-pub(super) unsafe fn weight_tile<const TAPS: usize>(
-    rows: usize,
+/// As for [`weight_tile_of`], for every channel in `channels`.
+pub(super) unsafe fn weight_tiles<const TAPS: usize>(
+    channels: std::ops::Range<usize>,
     (dy, x): (&[f32], &[f32]),
     w: &Walk<TAPS>,
     sums: &mut [f32],
 ) {
-    let (dy, x) = (dy.as_ptr(), x.as_ptr());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: passed on to the caller.
-    unsafe {
-        match rows {
-            GRAD_ROWS => weight_tile_of::<GRAD_ROWS, TAPS>(dy, x, w, sums),
-            2 => weight_tile_of::<2, TAPS>(dy, x, w, sums),
-            _ => weight_tile_of::<1, TAPS>(dy, x, w, sums),
+    for co0 in channels.clone().step_by(GRAD_ROWS) {
+        let rows = GRAD_ROWS.min(channels.end - co0);
+        let dy = dy[co0 * w.dy_channel..].as_ptr();
+        let sums = &mut sums[co0 * TAPS..][..rows * TAPS];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: passed on to the caller.
+        unsafe {
+            match rows {
+                GRAD_ROWS => weight_tile_of::<GRAD_ROWS, TAPS>(dy, x.as_ptr(), w, sums),
+                2 => weight_tile_of::<2, TAPS>(dy, x.as_ptr(), w, sums),
+                _ => weight_tile_of::<1, TAPS>(dy, x.as_ptr(), w, sums),
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "no AVX-512 kernels off x86-64 ({rows}, {dy:?}, {}, {})",
+            x.len(),
+            sums.len()
+        )
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!(
-        "no AVX-512 kernels off x86-64 ({rows}, {dy:?}, {x:?}, {}, {})",
-        w.rows,
-        sums.len()
-    )
 }
 
 /// `dw[co, u, t] += sums[u, co, t]`: the per-unit partial sums of a weight gradient (a unit

@@ -140,14 +140,9 @@ pub(super) fn weight_gradient(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32])
                 .for_each(|(unit, sums)| {
                     let (ci, ky) = (unit / KERNEL, unit % KERNEL);
                     let x = &xp[ci * ph.x_channel + (2 * r0 + ky) * 2 * ph.pw..];
-                    for co0 in (0..cout).step_by(simd::GRAD_ROWS) {
-                        let tile_rows = simd::GRAD_ROWS.min(cout - co0);
-                        let dy = &dyp[co0 * dy_channel + r0 * ow..];
-                        let sums = &mut sums[co0 * KERNEL..][..tile_rows * KERNEL];
-                        // SAFETY: `applies` checked AVX-512F; the reads stay below `last`
-                        // within the channel (asserted above) and inside `dyp`'s rows.
-                        unsafe { simd::weight_tile(tile_rows, (dy, x), &walk, sums) };
-                    }
+                    // SAFETY: `applies` checked AVX-512F; the reads stay below `last`
+                    // within the channel (asserted above) and inside `dyp`'s rows.
+                    unsafe { simd::weight_tiles(0..cout, (&dyp[r0 * ow..], x), &walk, sums) };
                 });
         }
         simd::add_weight_sums(sums, (cout, units, KERNEL), dw);
