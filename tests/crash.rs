@@ -108,8 +108,10 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
         let mut child = start_or_resume(&store, &run);
         // Kill within 15% of a whole run's time: each attempt then gets a little further,
         // and over the attempts every phase is hit (start-up, steps, checkpoint writes, the
-        // final model).
-        let delay = full.mul_f64(rng.random_range(0.0..0.15));
+        // final model). The window widens with the attempts (doubled after 50), so that a
+        // `full` measured on a quick minute of a busy machine cannot stall the run.
+        let window = 0.15 * (1.0 + attempts as f64 / 50.0);
+        let delay = full.mul_f64(rng.random_range(0.0..window));
         std::thread::sleep(delay);
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
